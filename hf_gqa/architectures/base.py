@@ -1,0 +1,104 @@
+"""The adapter interface: one small class per model family.
+
+An adapter finds a family's attention modules, reads their weights into the canonical per-head layout
+(`hf_gqa.canonical.AttentionWeights`) and builds the converted module from canonical weights. It never mutates
+the module it reads: `build` returns a new module (which may share untouched submodules with the old one), so
+that the patcher can swap all modules at once, or none.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ..canonical import AttentionWeights
+
+
+class AttentionAdapter:
+    """Base class of the per-family adapters.
+
+    Class attributes:
+        family: short name shown to users ("llama", "gpt2", ...).
+        model_types: the `config.model_type` values this adapter handles.
+        native_gqa: whether the family's transformers class already supports fewer KV heads, so that a converted
+            model saves as a standard checkpoint that plain transformers loads.
+        attention_classes: the attention module classes to convert (the family's own and, for multi-head-only
+            families, our GQA module, so that a patched model can be patched further).
+    """
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    native_gqa: ClassVar[bool] = False
+    attention_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    # -- discovery -------------------------------------------------------------------------------------------
+    def matches(self, model: PreTrainedModel) -> bool:
+        return getattr(model.config, "model_type", None) in self.model_types
+
+    def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The attention modules to convert, in layer order, as `(qualified name, module)`."""
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, self.attention_classes)]
+
+    def check_model(self, model: PreTrainedModel) -> None:
+        """Raise `UnsupportedArchitectureError` for configurations of this family that cannot be converted."""
+
+    # -- per module ------------------------------------------------------------------------------------------
+    def num_heads(self, module: nn.Module) -> int:
+        raise NotImplementedError
+
+    def num_kv_heads(self, module: nn.Module) -> int:
+        raise NotImplementedError
+
+    def head_dim(self, module: nn.Module) -> int:
+        raise NotImplementedError
+
+    def read(self, module: nn.Module) -> AttentionWeights:
+        """Canonical weights of `module` (new tensors or views; never modified by callers)."""
+        raise NotImplementedError
+
+    def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
+        """A new attention module computing attention with `weights` (which may have fewer KV heads)."""
+        raise NotImplementedError
+
+    # -- model level -----------------------------------------------------------------------------------------
+    def config_updates(self, config: PretrainedConfig, kv_heads: list[int]) -> dict[str, object]:
+        """Config attributes to set once every layer has `kv_heads[i]` KV heads (applied by the patcher)."""
+        return {}
+
+    def restore_config(self, config: PretrainedConfig, meta: dict) -> None:
+        """Put `config` back to the pre-conversion shape recorded in `meta` (used by `hf_gqa.from_pretrained`)."""
+
+
+# -- helpers shared by adapters ---------------------------------------------------------------------------------
+def shallow_clone(module: nn.Module) -> nn.Module:
+    """A new module object sharing parameters and submodules with `module`, whose own dicts can be changed
+    without touching `module`."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    return new
+
+
+def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    """An `nn.Linear` holding `weight` `[out, in]` and `bias` `[out]`, on the device and dtype of `like`."""
+    device, dtype = like.weight.device, like.weight.dtype
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(
+        weight.detach().to(device=device, dtype=dtype).contiguous(), requires_grad=like.weight.requires_grad
+    )
+    if bias is not None:
+        linear.bias = nn.Parameter(
+            bias.detach().to(device=device, dtype=dtype).contiguous(), requires_grad=like.weight.requires_grad
+        )
+    linear.train(like.training)
+    return linear
+
+
+def text_config(model_or_config: PreTrainedModel | PretrainedConfig) -> PretrainedConfig:
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

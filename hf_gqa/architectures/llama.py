@@ -1,0 +1,120 @@
+"""Families whose transformers attention already supports `num_key_value_heads` with separate projections:
+Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, OLMo, OLMo2 (`q_proj, k_proj, v_proj, o_proj`) and Phi
+(phi-1.5 / phi-2: `dense` output, partial rotary).
+
+Conversion only replaces `k_proj` / `v_proj` with smaller linears and sets `num_key_value_groups`; the
+transformers forward infers the head count from the projection size, so a converted model is a standard
+checkpoint of its family.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from ..canonical import (
+    AttentionWeights,
+    RotarySpec,
+    join_bias,
+    join_heads,
+    join_out_heads,
+    split_bias,
+    split_heads,
+    split_out_heads,
+)
+from .base import AttentionAdapter, new_linear, shallow_clone
+
+
+class SeparateProjectionAdapter(AttentionAdapter):
+    """Native-GQA families with separate `q/k/v` linears and an output linear named `o_name`."""
+
+    native_gqa = True
+    q_name: ClassVar[str] = "q_proj"
+    k_name: ClassVar[str] = "k_proj"
+    v_name: ClassVar[str] = "v_proj"
+    o_name: ClassVar[str] = "o_proj"
+
+    def head_dim(self, module: nn.Module) -> int:
+        return module.head_dim
+
+    def num_heads(self, module: nn.Module) -> int:
+        return getattr(module, self.q_name).out_features // module.head_dim
+
+    def num_kv_heads(self, module: nn.Module) -> int:
+        return getattr(module, self.k_name).out_features // module.head_dim
+
+    def rotary(self, module: nn.Module) -> RotarySpec | None:
+        config = module.config
+        factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+        return RotarySpec(rotary_dim=int(module.head_dim * factor), interleaved=False)
+
+    def read(self, module: nn.Module) -> AttentionWeights:
+        q, k, v, o = (getattr(module, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name))
+        heads, kv_heads = self.num_heads(module), self.num_kv_heads(module)
+        return AttentionWeights(
+            q=split_heads(q.weight, heads),
+            k=split_heads(k.weight, kv_heads),
+            v=split_heads(v.weight, kv_heads),
+            o=split_out_heads(o.weight, heads),
+            q_bias=split_bias(q.bias, heads),
+            k_bias=split_bias(k.bias, kv_heads),
+            v_bias=split_bias(v.bias, kv_heads),
+            o_bias=o.bias,
+            rotary=self.rotary(module),
+        )
+
+    def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
+        new = shallow_clone(module)
+        q, k, v, o = (getattr(module, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name))
+        setattr(new, self.q_name, new_linear(join_heads(weights.q), join_bias(weights.q_bias), like=q))
+        setattr(new, self.k_name, new_linear(join_heads(weights.k), join_bias(weights.k_bias), like=k))
+        setattr(new, self.v_name, new_linear(join_heads(weights.v), join_bias(weights.v_bias), like=v))
+        setattr(new, self.o_name, new_linear(join_out_heads(weights.o), weights.o_bias, like=o))
+        new.num_key_value_groups = weights.num_heads // weights.num_kv_heads
+        if hasattr(module, "num_key_value_heads"):
+            new.num_key_value_heads = weights.num_kv_heads
+        return new
+
+    def config_updates(self, config: PretrainedConfig, kv_heads: list[int]) -> dict[str, object]:
+        return {"num_key_value_heads": max(kv_heads)}
+
+    def restore_config(self, config: PretrainedConfig, meta: dict) -> None:
+        config.num_key_value_heads = max(meta["original_kv_heads"])
+
+
+def _attention_classes(*paths: str) -> tuple[type[nn.Module], ...]:
+    """Import attention classes by `module:Class` path, skipping those this transformers version lacks."""
+    import importlib
+
+    classes = []
+    for path in paths:
+        mod, _, name = path.partition(":")
+        try:
+            classes.append(getattr(importlib.import_module(f"transformers.models.{mod}"), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(classes)
+
+
+class LlamaAdapter(SeparateProjectionAdapter):
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")
+    attention_classes = _attention_classes(
+        "llama.modeling_llama:LlamaAttention",
+        "mistral.modeling_mistral:MistralAttention",
+        "qwen2.modeling_qwen2:Qwen2Attention",
+        "qwen3.modeling_qwen3:Qwen3Attention",
+        "gemma.modeling_gemma:GemmaAttention",
+        "gemma2.modeling_gemma2:Gemma2Attention",
+        "olmo.modeling_olmo:OlmoAttention",
+        "olmo2.modeling_olmo2:Olmo2Attention",
+    )
+
+
+class PhiAdapter(SeparateProjectionAdapter):
+    family = "phi"
+    model_types = ("phi",)
+    o_name = "dense"
+    attention_classes = _attention_classes("phi.modeling_phi:PhiAttention")

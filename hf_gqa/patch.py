@@ -1,0 +1,273 @@
+"""`patch(model, groups)`: convert a model's attention to grouped-query attention, in place.
+
+Everything is validated and every new module is built before the model is touched; the swap itself is undone if
+anything fails, so a failed call leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from . import attention
+from .architectures import AttentionAdapter, get_adapter
+from .cache import install_cache
+from .canonical import AttentionWeights
+from .errors import GQAError, GroupsError, UnconvertibleWeightsError, UnsupportedArchitectureError
+from .grouping import check_partition, get_grouping, permutation_of
+from .merging import MergeFn, get_merge
+
+logger = logging.getLogger("hf_gqa")
+
+META_KEY = "hf_gqa"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """What the patcher will do to one attention module."""
+
+    name: str
+    module: nn.Module
+    num_heads: int
+    kv_heads_before: int
+    kv_heads_after: int
+    head_dim: int
+
+
+def patch(
+    model: PreTrainedModel,
+    groups: int | Sequence[int],
+    merge: str | MergeFn = "mean",
+    grouping: str = "consecutive",
+    stats: dict[str, object] | None = None,
+    attn_implementation: str | None = None,
+    _allow_meta: bool = False,
+) -> PreTrainedModel:
+    """Convert `model`'s attention to GQA with `groups` key/value heads, in place, and return it.
+
+    Args:
+        model: a transformers causal LM of a supported family (see `hf_gqa.supported_model_types()`).
+        groups: KV heads after conversion: one number for every layer, or a list with one per layer. It must
+            divide each layer's current KV head count (the query head count for a multi-head model).
+        merge: how a group's K/V heads become one: `"mean"` (Ainslie et al. 2023), `"first"`, another registered
+            name, or a function of canonical weights (see `hf_gqa.merging`).
+        grouping: which KV heads share a group: `"consecutive"` or another registered name.
+        stats: optional per-module calibration statistics, keyed by module name, passed to grouping and merge.
+        attn_implementation: attention implementation to set after conversion. By default a model on `"sdpa"`
+            moves to `"hf_gqa_sdpa"` (identical numerics, no K/V copies for padded batches on CPU).
+
+    Returns:
+        The same model object, converted. `generate()` then uses an `hf_gqa.GQACache`.
+
+    Raises:
+        GroupsError, UnsupportedArchitectureError, UnconvertibleWeightsError: before any weight is touched.
+    """
+    merge_fn = get_merge(merge)
+    grouping_fn = get_grouping(grouping)
+    adapter = _adapter_for(model)
+    plans = plan_layers(model, adapter, groups, allow_meta=_allow_meta)
+
+    replacements: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
+    for plan in plans:
+        weights = convert_weights(
+            adapter.read(plan.module),
+            plan.kv_heads_after,
+            merge_fn,
+            grouping_fn,
+            (stats or {}).get(plan.name),
+        )
+        parent_name, _, attr = plan.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        replacements.append((parent, attr, plan.module, adapter.build(plan.module, weights)))
+
+    config = model.config.get_text_config(decoder=True)
+    kv_after = [p.kv_heads_after for p in plans]
+    updates = adapter.config_updates(config, kv_after)
+    updates[META_KEY] = _metadata(config, adapter, plans, merge, grouping)
+    _apply(model, config, replacements, updates)
+
+    install_cache(model)
+    _set_attention(model, attn_implementation)
+    return model
+
+
+def _adapter_for(model: PreTrainedModel) -> AttentionAdapter:
+    if not isinstance(model, PreTrainedModel):
+        hint = " Patch the base model before wrapping it with PEFT." if hasattr(model, "peft_config") else ""
+        raise UnsupportedArchitectureError(
+            f"hf_gqa.patch expects a transformers PreTrainedModel, got {type(model).__name__}.{hint}"
+        )
+    return get_adapter(model)
+
+
+def plan_layers(
+    model: PreTrainedModel, adapter: AttentionAdapter, groups: int | Sequence[int], allow_meta: bool = False
+) -> list[LayerPlan]:
+    """Validate `groups` against every attention module and the weights; touch nothing."""
+    modules = adapter.attention_modules(model)
+    if not modules:
+        raise UnsupportedArchitectureError(
+            f"No {adapter.family} attention modules found in {type(model).__name__}; was it built by transformers?"
+        )
+    _check_weights(model, modules, allow_meta)
+    targets = _targets(groups, len(modules))
+    plans = []
+    for i, ((name, module), g) in enumerate(zip(modules, targets)):
+        heads, kv = adapter.num_heads(module), adapter.num_kv_heads(module)
+        _check_groups(i, g, heads, kv)
+        plans.append(LayerPlan(name, module, heads, kv, g, adapter.head_dim(module)))
+    return plans
+
+
+def _targets(groups: int | Sequence[int], layers: int) -> list[int]:
+    if isinstance(groups, bool) or not isinstance(groups, (int, Sequence)) or isinstance(groups, str):
+        raise GroupsError(
+            f"groups must be a positive int or a list of {layers} ints (one per layer), got {groups!r}."
+        )
+    if isinstance(groups, int):
+        return [groups] * layers
+    targets = list(groups)
+    if len(targets) != layers:
+        raise GroupsError(f"groups has {len(targets)} entries but the model has {layers} attention layers.")
+    if not all(isinstance(g, int) and not isinstance(g, bool) for g in targets):
+        raise GroupsError(f"groups must hold ints, got {targets!r}.")
+    return targets
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_groups(layer: int, g: int, heads: int, kv: int) -> None:
+    if g < 1:
+        raise GroupsError(
+            f"groups must be at least 1 (1 = multi-query attention), got {g} for layer {layer}."
+        )
+    if kv == heads:
+        if g > heads:
+            raise GroupsError(
+                f"groups={g} exceeds the {heads} query heads of layer {layer}; choose one of {_divisors(heads)}."
+            )
+        if heads % g:
+            raise GroupsError(
+                f"groups={g} does not divide the {heads} query heads of layer {layer}; choose one of {_divisors(heads)}."
+            )
+        return
+    if g > kv or kv % g:
+        raise GroupsError(
+            f"layer {layer} already has {kv} KV heads for {heads} query heads (a GQA model, or already patched): "
+            f"groups={g} must divide {kv}; choose one of {_divisors(kv)}."
+        )
+
+
+def _is_quantized_module(module: nn.Module) -> bool:
+    names = {type(m).__name__ for m in module.modules()}
+    quantized_names = (
+        "Linear8bitLt",
+        "Linear4bit",
+        "QuantLinear",
+        "QLinear",
+        "WQLinear",
+        "QuantizedLinear",
+        "FP8Linear",
+    )
+    return any(n.startswith(quantized_names) or "Quant" in n for n in names)
+
+
+def _check_weights(
+    model: PreTrainedModel, modules: list[tuple[str, nn.Module]], allow_meta: bool = False
+) -> None:
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise UnconvertibleWeightsError(
+            "This model's weights are quantized; hf_gqa cannot average quantized K/V projections. "
+            "Load it in a floating dtype (e.g. dtype=torch.bfloat16 without a quantization_config), patch, "
+            "then quantize the converted model."
+        )
+    for name, module in modules:
+        if _is_quantized_module(module):
+            raise UnconvertibleWeightsError(
+                f"{name} holds quantized layers; load the model unquantized, patch, then quantize."
+            )
+        for pname, p in module.named_parameters():
+            if p.device.type == "meta" and not allow_meta:
+                raise UnconvertibleWeightsError(
+                    f"{name}.{pname} is on the meta device (weights not loaded or offloaded). Load the model with "
+                    "its weights (no device_map offloading) before patching."
+                )
+            if not torch.is_floating_point(p):
+                raise UnconvertibleWeightsError(
+                    f"{name}.{pname} has dtype {p.dtype}; hf_gqa converts floating-point weights only. Load the "
+                    "model unquantized, patch, then quantize."
+                )
+
+
+def convert_weights(
+    weights: AttentionWeights, groups: int, merge_fn: MergeFn, grouping_fn, stats: object | None
+) -> AttentionWeights:
+    """Group and merge one layer's canonical weights down to `groups` KV heads."""
+    partition = grouping_fn(weights, groups, stats)
+    check_partition(partition, weights.num_kv_heads)
+    order = permutation_of(partition)
+    if order != list(range(weights.num_kv_heads)):
+        weights = weights.permute_kv(order)
+    merged = merge_fn(weights, groups, stats)
+    if merged.num_kv_heads != groups or merged.k.shape[1:] != weights.k.shape[1:]:
+        raise GQAError(f"merge returned K of shape {tuple(merged.k.shape)}, expected {groups} heads")
+    return merged
+
+
+def _metadata(config, adapter: AttentionAdapter, plans: list[LayerPlan], merge, grouping) -> dict:
+    previous = getattr(config, META_KEY, None) or {}
+    return {
+        "version": FORMAT_VERSION,
+        "family": adapter.family,
+        "num_heads": [p.num_heads for p in plans],
+        "head_dim": [p.head_dim for p in plans],
+        "original_kv_heads": previous.get("original_kv_heads", [p.kv_heads_before for p in plans]),
+        "kv_heads": [p.kv_heads_after for p in plans],
+        "merge": merge if isinstance(merge, str) else getattr(merge, "__name__", "custom"),
+        "grouping": grouping,
+    }
+
+
+def _apply(model, config, replacements, updates: dict[str, object]) -> None:
+    """Swap every module and set every config attribute, or roll everything back."""
+    missing = object()
+    old_config = {k: getattr(config, k, missing) for k in updates}
+    done = []
+    try:
+        for parent, attr, old, new in replacements:
+            setattr(parent, attr, new)
+            done.append((parent, attr, old))
+        for key, value in updates.items():
+            setattr(config, key, value)
+    except Exception:
+        for parent, attr, old in done:
+            setattr(parent, attr, old)
+        for key, value in old_config.items():
+            if value is missing:
+                config.__dict__.pop(key, None)
+            else:
+                setattr(config, key, value)
+        raise
+
+
+def _set_attention(model: PreTrainedModel, attn_implementation: str | None) -> None:
+    current = getattr(model.config, "_attn_implementation", None)
+    target = attn_implementation or (attention.ATTN_IMPLEMENTATION if current == "sdpa" else None)
+    if target and target != current:
+        try:
+            model.set_attn_implementation(target)
+        except (ValueError, ImportError) as err:  # a family whose modules do not use the shared interface
+            logger.debug("kept attention implementation %s: %s", current, err)
+
+
+def is_patched(model: PreTrainedModel) -> bool:
+    """Whether `patch` converted this model (or it was loaded from a converted checkpoint)."""
+    return getattr(model.config.get_text_config(decoder=True), META_KEY, None) is not None
