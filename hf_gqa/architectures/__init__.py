@@ -5,10 +5,22 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from ..errors import UnsupportedArchitectureError
-from .base import AttentionAdapter
-from .llama import LlamaAdapter, PhiAdapter
+import importlib
+import pkgutil
 
-ADAPTERS: list[AttentionAdapter] = [LlamaAdapter(), PhiAdapter()]
+from .base import AttentionAdapter
+
+
+def _discover() -> list[AttentionAdapter]:
+    """Every `ADAPTERS` list defined by a module of this package (one module per family)."""
+    found: list[AttentionAdapter] = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name != "base":
+            found.extend(getattr(importlib.import_module(f"{__name__}.{info.name}"), "ADAPTERS", []))
+    return found
+
+
+ADAPTERS: list[AttentionAdapter] = _discover()
 
 
 def register_adapter(adapter: AttentionAdapter) -> None:

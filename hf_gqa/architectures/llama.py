@@ -118,3 +118,6 @@ class PhiAdapter(SeparateProjectionAdapter):
     model_types = ("phi",)
     o_name = "dense"
     attention_classes = _attention_classes("phi.modeling_phi:PhiAttention")
+
+
+ADAPTERS = [LlamaAdapter(), PhiAdapter()]
