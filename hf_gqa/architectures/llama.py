@@ -1,6 +1,9 @@
 """Families whose transformers attention already supports `num_key_value_heads` with separate projections:
-Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, OLMo, OLMo2 (`q_proj, k_proj, v_proj, o_proj`) and Phi
-(phi-1.5 / phi-2: `dense` output, partial rotary).
+Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, OLMo (`q_proj, k_proj, v_proj, o_proj`) and Phi
+(phi-1.5 / phi-2: `dense` output, partial rotary, optional per-head `qk_layernorm`).
+
+OLMo2 is not supported: its `k_norm` is one RMSNorm over all KV heads together (weight `[K * d]`), so a
+converted layer needs a merged norm weight, which the canonical layout does not carry.
 
 Conversion only replaces `k_proj` / `v_proj` with smaller linears and sets `num_key_value_groups`; the
 transformers forward infers the head count from the projection size, so a converted model is a standard
@@ -12,7 +15,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ..canonical import (
     AttentionWeights,
@@ -24,6 +27,7 @@ from ..canonical import (
     split_heads,
     split_out_heads,
 )
+from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter, new_linear, shallow_clone
 
 
@@ -35,6 +39,17 @@ class SeparateProjectionAdapter(AttentionAdapter):
     k_name: ClassVar[str] = "k_proj"
     v_name: ClassVar[str] = "v_proj"
     o_name: ClassVar[str] = "o_proj"
+
+    def check_model(self, model: PreTrainedModel) -> None:
+        """Refuse key norms that span several heads (weight `[K * d]`): resizing `k_proj` alone would break them."""
+        for name, module in self.attention_modules(model):
+            norm = getattr(module, "k_norm", None)
+            weight = getattr(norm, "weight", None)
+            if weight is not None and weight.numel() != module.head_dim:
+                raise UnsupportedArchitectureError(
+                    f"{name}.k_norm normalises all KV heads together (weight of {weight.numel()} values, head_dim "
+                    f"{module.head_dim}); hf_gqa cannot convert {model.config.model_type!r} models."
+                )
 
     def head_dim(self, module: nn.Module) -> int:
         return module.head_dim
@@ -100,7 +115,7 @@ def _attention_classes(*paths: str) -> tuple[type[nn.Module], ...]:
 
 class LlamaAdapter(SeparateProjectionAdapter):
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo")
     attention_classes = _attention_classes(
         "llama.modeling_llama:LlamaAttention",
         "mistral.modeling_mistral:MistralAttention",
@@ -109,7 +124,6 @@ class LlamaAdapter(SeparateProjectionAdapter):
         "gemma.modeling_gemma:GemmaAttention",
         "gemma2.modeling_gemma2:Gemma2Attention",
         "olmo.modeling_olmo:OlmoAttention",
-        "olmo2.modeling_olmo2:Olmo2Attention",
     )
 
 
