@@ -44,6 +44,18 @@ def _state_dict_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"No model.safetensors (or index) in {path}.")
 
 
+def _to_model_keys(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo the key renamings transformers applies when saving (e.g. GPT-NeoX's `lm_head.` saved as `embed_out.`)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # a transformers version without checkpoint conversion mappings
+        return state
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    expected = model.state_dict().keys()
+    return {(k if k in expected else apply_renamings(k, renamings)): v for k, v in state.items()}
+
+
 def from_pretrained(
     path: str | os.PathLike, dtype: torch.dtype | str | None = None, **kwargs
 ) -> PreTrainedModel:
@@ -77,7 +89,7 @@ def from_pretrained(
     state = {}
     for file in _state_dict_files(Path(path)):
         state.update(load_file(str(file)))
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(_to_model_keys(model, state), strict=False, assign=True)
     model.tie_weights()
     left = [
         n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"

@@ -74,13 +74,29 @@ class AttentionAdapter:
 
 
 # -- helpers shared by adapters ---------------------------------------------------------------------------------
-def shallow_clone(module: nn.Module) -> nn.Module:
+def shallow_clone(module: nn.Module, cls: type[nn.Module] | None = None) -> nn.Module:
     """A new module object sharing parameters and submodules with `module`, whose own dicts can be changed
-    without touching `module`."""
+    without touching `module`.
+
+    Args:
+        cls: the clone's class, when it differs from `module`'s (a subclass with its own `forward`).
+
+    An accelerate hook on `module` (a model dispatched with a `device_map`) binds `module.forward` to `module`
+    itself; it is attached anew to the clone, which would otherwise run the old module.
+    """
     new = copy.copy(module)
+    if cls is not None:
+        new.__class__ = cls
     new._modules = dict(module._modules)
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
+    hook = module.__dict__.get("_hf_hook")
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        for name in ("forward", "_old_forward", "_hf_hook"):
+            new.__dict__.pop(name, None)
+        add_hook_to_module(new, hook)
     return new
 
 

@@ -1,0 +1,193 @@
+"""GPT-NeoX / Pythia (`GPTNeoXAttention`): multi-head only in transformers, so conversion installs
+`GPTNeoXGQAAttention`.
+
+GPT-NeoX computes q, k and v with one `nn.Linear` named `query_key_value` whose output rows are interleaved per
+head: `[q_0, k_0, v_0, q_1, k_1, v_1, ...]`, each part `head_dim` rows. `GPTNeoXGQAAttention` keeps the name
+`query_key_value` (so that PEFT `target_modules` written for GPT-NeoX still apply) and generalises that
+interleaving to groups: the rows are interleaved per **key/value head** `j`, each group holding the `r = H // K`
+query heads that share it, then its key and its value (the grouped fused layout of Megatron-LM's GQA):
+
+    query_key_value.weight: [K * (r + 2) * d, hidden] = rows [q_0 .. q_{r-1}, k_0, v_0,  q_r .. q_{2r-1}, k_1, v_1, ...]
+    query_key_value.bias:   [K * (r + 2) * d]          in the same order
+
+with `H` query heads, `K` key/value heads and `d = head_dim`; query head `h` attends with key/value head `h // r`.
+With `K == H` (`r = 1`) this is exactly GPT-NeoX's own layout, so an identity conversion saves a checkpoint that
+plain transformers loads correctly; with `K < H` the fused weight has fewer rows, so plain transformers refuses it
+(size mismatch) instead of misreading it. The cache stores only the `K` heads. Rotary embeddings (partial: the
+first `rotary_ndims` dimensions of each head, `rotate_half` pairs) act on q and k exactly as in GPT-NeoX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt_neox.modeling_gpt_neox import (
+    GPTNeoXAttention,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from ..canonical import AttentionWeights, RotarySpec, split_out_heads
+from .base import AttentionAdapter, new_linear, shallow_clone
+
+
+def eager_gqa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float | int = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-NeoX's eager attention on grouped K/V: `query [b, H, q, d]`, `key`/`value` `[b, K, k, d]`.
+
+    GPT-NeoX's own eager function assumes as many K/V heads as query heads, so K/V are repeated to `[b, H, k, d]`
+    first; the arithmetic is then exactly GPT-NeoX's. Returns `([b, q, H, d], weights [b, H, q, k])`.
+    """
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+class GPTNeoXGQAAttention(GPTNeoXAttention):
+    """GPT-NeoX self-attention with `num_key_value_heads` key/value heads (grouped-query attention).
+
+    `query_key_value`: `nn.Linear` of weight `[K * (r + 2) * d, hidden]`, rows grouped per key/value head as
+    `[q heads of the group, k, v]` (see the module docstring); `dense`: `[hidden, H * d]`, unchanged. Everything
+    else (partial rotary, scaling, dropout, attention dispatch) is GPT-NeoX's.
+    """
+
+    def __init__(self, config, layer_idx: int | None = None, num_key_value_heads: int | None = None) -> None:
+        super().__init__(config, layer_idx)
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or self.num_heads
+        if self.num_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} must divide num_heads={self.num_heads}."
+            )
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        out_features = (self.num_heads + 2 * self.num_key_value_heads) * self.head_size
+        self.query_key_value = nn.Linear(config.hidden_size, out_features, bias=config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        layer_past: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_states [b, s, hidden]` -> `(output [b, s, hidden], attention weights [b, H, s, k] or None)`.
+
+        `position_embeddings`: `(cos, sin)`, each `[b, s, rotary_ndims]`.
+        """
+        input_shape = hidden_states.shape[:-1]
+        groups, d = self.num_key_value_groups, self.head_size
+        # [b, s, K, (r + 2) * d]: per key/value head, its r query heads, then its key, then its value
+        group_shape = (*input_shape, self.num_key_value_heads, (groups + 2) * d)
+
+        qkv = self.query_key_value(hidden_states).view(group_shape)
+        query_states, key_states, value_states = qkv.split([groups * d, d, d], dim=-1)
+        query_states = query_states.reshape(*input_shape, self.num_heads, d).transpose(1, 2)  # [b, H, s, d]
+        key_states = key_states.transpose(1, 2)  # [b, K, s, d]
+        value_states = value_states.transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if layer_past is not None:
+            key_states, value_states = layer_past.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_gqa_attention_forward
+        )
+
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            **kwargs,
+        )
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.dense(attn_output)
+        return attn_output, attn_weights
+
+
+class GPTNeoXAdapter(AttentionAdapter):
+    """Converts `GPTNeoXAttention` (and `GPTNeoXGQAAttention`, to go further down) to `GPTNeoXGQAAttention`.
+
+    Both modules share one fused layout, grouped per key/value head (GPT-NeoX's own is the case `K == H`), so
+    `read` and `build` need no case for either.
+    """
+
+    family = "gpt_neox"
+    model_types = ("gpt_neox",)
+    native_gqa = False
+    attention_classes: ClassVar[tuple[type[nn.Module], ...]] = (GPTNeoXAttention,)
+
+    def num_heads(self, module: nn.Module) -> int:
+        return module.dense.in_features // module.head_size
+
+    def num_kv_heads(self, module: nn.Module) -> int:
+        return getattr(module, "num_key_value_heads", self.num_heads(module))
+
+    def head_dim(self, module: nn.Module) -> int:
+        return module.head_size
+
+    def read(self, module: nn.Module) -> AttentionWeights:
+        heads, kv_heads, d = self.num_heads(module), self.num_kv_heads(module), module.head_size
+        r = heads // kv_heads
+        weight, bias = module.query_key_value.weight, module.query_key_value.bias
+        hidden = weight.shape[1]
+        grouped = weight.reshape(kv_heads, r + 2, d, hidden)  # per KV head: r query heads, key, value
+        grouped_bias = None if bias is None else bias.reshape(kv_heads, r + 2, d)
+        return AttentionWeights(
+            q=grouped[:, :r].reshape(heads, d, hidden),
+            k=grouped[:, r],
+            v=grouped[:, r + 1],
+            o=split_out_heads(module.dense.weight, heads),
+            q_bias=None if bias is None else grouped_bias[:, :r].reshape(heads, d),
+            k_bias=None if bias is None else grouped_bias[:, r],
+            v_bias=None if bias is None else grouped_bias[:, r + 1],
+            o_bias=module.dense.bias,
+            rotary=RotarySpec(rotary_dim=module.rotary_ndims, interleaved=False),
+        )
+
+    def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
+        new = shallow_clone(module, cls=GPTNeoXGQAAttention)
+        kv_heads, r, d = weights.num_kv_heads, weights.queries_per_kv, weights.head_dim
+        hidden = weights.hidden_size
+        weight = torch.cat(
+            [weights.q.reshape(kv_heads, r, d, hidden), weights.k[:, None], weights.v[:, None]], dim=1
+        )
+        biases = [weights.q_bias, weights.k_bias, weights.v_bias]
+        bias = None
+        if any(b is not None for b in biases):
+            q_bias, k_bias, v_bias = (
+                b if b is not None else w.new_zeros(w.shape[:2])
+                for w, b in zip([weights.q, weights.k, weights.v], biases)
+            )
+            bias = torch.cat([q_bias.reshape(kv_heads, r, d), k_bias[:, None], v_bias[:, None]], dim=1)
+            bias = bias.reshape(-1)
+        new.query_key_value = new_linear(weight.reshape(-1, hidden), bias, like=module.query_key_value)
+        new.dense = new_linear(weights.o.reshape(-1, hidden).t(), weights.o_bias, like=module.dense)
+        new.num_heads = weights.num_heads
+        new.num_key_value_heads = kv_heads
+        new.num_key_value_groups = weights.num_heads // kv_heads
+        return new
+
+
+ADAPTERS = [GPTNeoXAdapter()]

@@ -1,0 +1,160 @@
+"""OPT (`OPTAttention`): multi-head only in transformers, so conversion installs `OPTGQAAttention`.
+
+OPT has separate `q_proj`, `k_proj`, `v_proj` and `out_proj` linears (with biases when `enable_bias`).
+`OPTGQAAttention` keeps those names (so that PEFT `target_modules` written for OPT still apply) with
+`k_proj`/`v_proj` of `K * head_dim` outputs, head `j` at rows `j * head_dim:(j + 1) * head_dim`. Query head `h`
+attends with key/value head `h // (H // K)`; the cache stores only the `K` heads. As in OPT, the queries are
+scaled by `head_dim ** -0.5` before attention, which then runs with `scaling=1.0`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.opt.modeling_opt import OPTAttention, eager_attention_forward
+
+from ..canonical import (
+    AttentionWeights,
+    join_bias,
+    join_heads,
+    join_out_heads,
+    split_bias,
+    split_heads,
+    split_out_heads,
+)
+from .base import AttentionAdapter, new_linear, shallow_clone
+
+
+def eager_gqa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OPT's eager attention on grouped K/V: `query [b, H, q, d]`, `key`/`value` `[b, K, k, d]`.
+
+    OPT's own eager function assumes as many K/V heads as query heads, so K/V are repeated to `[b, H, k, d]`
+    first; the arithmetic is then exactly OPT's. Returns `([b, q, H, d], weights [b, H, q, k])`.
+    """
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+class OPTGQAAttention(OPTAttention):
+    """OPT self-attention with `num_key_value_heads` key/value heads (grouped-query attention).
+
+    `q_proj`: `[H * d, hidden]`, `k_proj`/`v_proj`: `[K * d, hidden]`, `out_proj`: `[hidden, H * d]` (`nn.Linear`
+    weights). Everything else (query scaling, dropout, attention dispatch) is OPT's.
+    """
+
+    def __init__(
+        self, config, layer_idx: int | None = None, num_key_value_heads: int | None = None, **kwargs
+    ):
+        super().__init__(config, layer_idx=layer_idx, **kwargs)
+        self.num_key_value_heads = num_key_value_heads or self.num_heads
+        if self.num_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} must divide num_heads={self.num_heads}."
+            )
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        kv_size = self.num_key_value_heads * self.head_dim
+        self.k_proj = nn.Linear(self.embed_dim, kv_size, bias=self.enable_bias)
+        self.v_proj = nn.Linear(self.embed_dim, kv_size, bias=self.enable_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_states [b, s, hidden]` -> `(output [b, s, hidden], attention weights [b, H, s, k] or None)`."""
+        bsz, tgt_len, _ = hidden_states.size()
+
+        # As in OPT: scale the queries here, attend with scaling 1.0.
+        query_states = self.q_proj(hidden_states) * self.scaling
+        query_states = query_states.view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+
+        key_states = self.k_proj(hidden_states)
+        value_states = self.v_proj(hidden_states)
+        key_states = key_states.view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        value_states = value_states.view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_gqa_attention_forward
+        )
+
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.dropout,
+            scaling=1.0,
+            **kwargs,
+        )
+
+        attn_output = attn_output.reshape(bsz, tgt_len, -1).contiguous()
+        attn_output = self.out_proj(attn_output)
+        return attn_output, attn_weights
+
+
+class OPTAdapter(AttentionAdapter):
+    """Converts `OPTAttention` (and `OPTGQAAttention`, to go further down) to `OPTGQAAttention`."""
+
+    family = "opt"
+    model_types = ("opt",)
+    native_gqa = False
+    attention_classes: ClassVar[tuple[type[nn.Module], ...]] = (OPTAttention,)
+
+    def num_heads(self, module: nn.Module) -> int:
+        return module.q_proj.out_features // module.head_dim
+
+    def num_kv_heads(self, module: nn.Module) -> int:
+        return module.k_proj.out_features // module.head_dim
+
+    def head_dim(self, module: nn.Module) -> int:
+        return module.head_dim
+
+    def read(self, module: nn.Module) -> AttentionWeights:
+        heads, kv_heads = self.num_heads(module), self.num_kv_heads(module)
+        return AttentionWeights(
+            q=split_heads(module.q_proj.weight, heads),
+            k=split_heads(module.k_proj.weight, kv_heads),
+            v=split_heads(module.v_proj.weight, kv_heads),
+            o=split_out_heads(module.out_proj.weight, heads),
+            q_bias=split_bias(module.q_proj.bias, heads),
+            k_bias=split_bias(module.k_proj.bias, kv_heads),
+            v_bias=split_bias(module.v_proj.bias, kv_heads),
+            o_bias=module.out_proj.bias,
+            rotary=None,
+        )
+
+    def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
+        new = shallow_clone(module, cls=OPTGQAAttention)
+        new.q_proj = new_linear(join_heads(weights.q), join_bias(weights.q_bias), like=module.q_proj)
+        new.k_proj = new_linear(join_heads(weights.k), join_bias(weights.k_bias), like=module.k_proj)
+        new.v_proj = new_linear(join_heads(weights.v), join_bias(weights.v_bias), like=module.v_proj)
+        new.out_proj = new_linear(join_out_heads(weights.o), weights.o_bias, like=module.out_proj)
+        new.num_key_value_heads = weights.num_kv_heads
+        new.num_key_value_groups = weights.num_heads // weights.num_kv_heads
+        return new
+
+
+ADAPTERS = [OPTAdapter()]
