@@ -29,8 +29,14 @@ def needs_hf_gqa_to_load(model_or_config) -> bool:
         return False
     from .architectures import ADAPTERS
 
-    adapter = next((a for a in ADAPTERS if config.model_type in a.model_types), None)
+    adapter = next((a for a in ADAPTERS if a.matches_config(config)), None)
     return not (adapter and adapter.native_gqa and len(set(meta["kv_heads"])) == 1)
+
+
+def _adapter_for_config(config):
+    from .architectures import ADAPTERS
+
+    return next(a for a in ADAPTERS if a.matches_config(config))
 
 
 def _state_dict_files(path: Path) -> list[Path]:
@@ -70,15 +76,16 @@ def from_pretrained(
     meta = getattr(config, META_KEY, None)
     if not needs_hf_gqa_to_load(config):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
-        if meta:
+        if meta and _adapter_for_config(config).rebuild_on_load:
+            patch(model, groups=list(meta["kv_heads"]), merge="first")  # same weights, our attention modules
+            setattr(model.config.get_text_config(decoder=True), META_KEY, meta)
+        elif meta:
             install_cache(model)
             _set_attention(model, None)
         return model
 
     # Build the original architecture on empty weights, re-shape it to the saved GQA layout, then fill it.
-    from .architectures import ADAPTERS
-
-    adapter = next(a for a in ADAPTERS if config.model_type in a.model_types)
+    adapter = _adapter_for_config(config)
     adapter.restore_config(config, meta)
     delattr(config, META_KEY)
     with init_empty_weights():

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel
-
-from ..errors import UnsupportedArchitectureError
 import importlib
 import pkgutil
 
+from transformers import PreTrainedModel
+
+from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter
 
 

@@ -34,10 +34,17 @@ class AttentionAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     native_gqa: ClassVar[bool] = False
     attention_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
+    # The family's transformers module loads a converted checkpoint but caches K/V repeated to every query head:
+    # `hf_gqa.from_pretrained` then swaps in the adapter's module (Falcon's new decoder architecture).
+    rebuild_on_load: ClassVar[bool] = False
 
     # -- discovery -------------------------------------------------------------------------------------------
+    def matches_config(self, config: PretrainedConfig) -> bool:
+        """Whether this adapter handles models of `config` (also used when loading, before a model exists)."""
+        return getattr(config, "model_type", None) in self.model_types
+
     def matches(self, model: PreTrainedModel) -> bool:
-        return getattr(model.config, "model_type", None) in self.model_types
+        return self.matches_config(model.config)
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The attention modules to convert, in layer order, as `(qualified name, module)`."""
