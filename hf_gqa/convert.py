@@ -1,0 +1,194 @@
+"""Calibrated conversion: layer by layer on real activations.
+
+The decoder layers are replayed one at a time on stored hidden states (captured once at the input of each
+layer's call, with that layer's own keyword arguments: masks, position embeddings). For each layer the
+attention input statistics are gathered, the layer is grouped, merged and optionally refined, and the next
+layer's input is computed with the converted layer (sequential) or the original one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .architectures import AttentionAdapter
+from .calibration import LayerStats, collect_attention_stats, progress, run_layer, with_hidden
+from .refine import refine_module
+
+logger = logging.getLogger("hf_gqa")
+
+
+class _Stop(Exception):
+    pass
+
+
+#: What `refine` fits the converted attention block to, with sequential calibration:
+#: "local": the original block's output on the same (converted-stream) inputs;
+#: "original": the original block's output on the original model's own inputs;
+#: "residual": that, plus the drift of the residual stream (original minus converted hidden states), so the block
+#: also corrects the error the converted layers before it left (pre-norm families add attention to the stream).
+REFINE_TARGETS = ("local", "original", "residual")
+
+
+def _drift_targets(
+    attention: nn.Module,
+    layer: nn.Module,
+    calls: list[tuple[tuple, dict]],
+    original_hidden: list[torch.Tensor],
+    hidden: list[torch.Tensor],
+    refine_target: str,
+) -> list[torch.Tensor]:
+    """Targets for the converted attention block from the original model's own trajectory."""
+    outputs: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs, output):
+        outputs.append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+
+    handle = attention.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for (a, k), h in zip(calls, original_hidden):
+            run_layer(layer, *with_hidden(a, k, h))
+    finally:
+        handle.remove()
+    if refine_target == "residual":
+        outputs = [o + (h_orig - h).to(o.dtype) for o, h_orig, h in zip(outputs, original_hidden, hidden)]
+    return outputs
+
+
+def capture_all_layer_calls(
+    model: nn.Module, layers: list[nn.Module], blocks: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+    """One forward pass per batch: the hidden states entering the first layer, and every layer's call.
+
+    Returns `(hidden, calls)`: `hidden[b]` is batch `b`'s input to layer 0, `calls[i][b]` the `(args, kwargs)`
+    of layer `i` on batch `b` with its hidden states left out (they are recomputed during the replay).
+    """
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+    hidden: list[torch.Tensor] = []
+    handles = []
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs):
+            kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "layer_past")}
+            if "use_cache" in kept:
+                kept["use_cache"] = False
+            h = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                hidden.append(h.detach())
+            calls[i].append(with_hidden(args, kept, None))
+            if i == len(layers) - 1:
+                raise _Stop
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, blocks.shape[0], batch_size):
+                try:
+                    model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, calls
+
+
+def convert_calibrated(
+    model: nn.Module,
+    adapter: AttentionAdapter,
+    plans: list,
+    convert_layer: Callable[[object, LayerStats], nn.Module],
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+    sequential: bool = True,
+    refine_steps: int = 0,
+    refine_lr: float = 3e-4,
+    show_progress: bool = True,
+    refine_target: str = "residual",
+) -> tuple[list[tuple[nn.Module, str, nn.Module, nn.Module]], list[dict]]:
+    """Convert every planned layer on calibration data; returns the module replacements and per-layer logs.
+
+    The model is left unchanged: replacements are swapped in only for the replay and swapped back out before
+    returning (the caller applies them all at once).
+    """
+    if refine_target not in REFINE_TARGETS:
+        raise ValueError(f"refine_target must be one of {REFINE_TARGETS}, got {refine_target!r}")
+    layers = [model.get_submodule(p.name.rpartition(".")[0]) for p in plans]
+    hidden, calls = capture_all_layer_calls(model, layers, blocks, batch_size)
+    tracks_original = sequential and refine_steps > 0 and refine_target != "local"
+    original_hidden = list(hidden) if tracks_original else None
+    replacements, logs = [], []
+    try:
+        for i in progress(range(len(plans)), len(plans), "hf_gqa: converting layers", show_progress):
+            plan, layer = plans[i], layers[i]
+            layer_calls = [with_hidden(a, k, h) for (a, k), h in zip(calls[i], hidden)]
+            stats = collect_attention_stats(plan.module, layer, layer_calls, keep_inputs=refine_steps > 0)
+            new = convert_layer(plan, stats)
+            log = {"layer": i, "tokens": stats.tokens}
+            if refine_steps > 0:
+                targets = None
+                if original_hidden is not None:
+                    targets = _drift_targets(
+                        plan.module, layer, calls[i], original_hidden, hidden, refine_target
+                    )
+                fit = refine_module(
+                    plan.module, new, stats.inputs, steps=refine_steps, lr=refine_lr, seed=i, targets=targets
+                )
+                log.update(fit)
+            stats.inputs.clear()
+            parent_name, _, attr = plan.name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            replacements.append((parent, attr, plan.module, new))
+            if original_hidden is not None:
+                original_hidden = [
+                    run_layer(layer, *with_hidden(a, k, h)) for (a, k), h in zip(calls[i], original_hidden)
+                ]
+            if sequential:
+                setattr(parent, attr, new)
+            hidden = [run_layer(layer, a, k) for a, k in layer_calls]
+            logs.append(log)
+            logger.debug("layer %d: %s", i, log)
+    finally:
+        for parent, attr, old, _ in replacements:
+            setattr(parent, attr, old)
+    return replacements, logs
+
+
+def layer_sensitivity(
+    model: nn.Module,
+    plans: list,
+    convert_layer: Callable[[object, LayerStats], nn.Module],
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+    show_progress: bool = True,
+) -> list[dict[int, float]]:
+    """Per layer, `{g: relative output error of the attention block converted to g KV heads}` for every divisor
+    `g` of its KV heads, measured on the original model's activations (see `hf_gqa.budget`)."""
+    from dataclasses import replace
+
+    from .budget import block_error, divisors
+
+    layers = [model.get_submodule(p.name.rpartition(".")[0]) for p in plans]
+    hidden, calls = capture_all_layer_calls(model, layers, blocks, batch_size)
+    errors = []
+    for i in progress(range(len(plans)), len(plans), "hf_gqa: layer sensitivity", show_progress):
+        plan, layer = plans[i], layers[i]
+        layer_calls = [with_hidden(a, k, h) for (a, k), h in zip(calls[i], hidden)]
+        stats = collect_attention_stats(plan.module, layer, layer_calls, keep_inputs=True)
+        errors.append(
+            {
+                g: block_error(
+                    plan.module, convert_layer(replace(plan, kv_heads_after=g), stats), stats.inputs
+                )
+                for g in divisors(plan.kv_heads_before)
+            }
+        )
+        hidden = [run_layer(layer, a, k) for a, k in layer_calls]
+    return errors
