@@ -16,6 +16,16 @@ from .patch import is_patched, patch
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Uptraining imports the transformers Trainer (slow): load it on first use of `hf_gqa.uptrain`.
+    if name in ("uptrain", "evaluate_perplexity"):
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'hf_gqa' has no attribute {name!r}")
+
+
 __all__ = [
     "AttentionWeights",
     "GQACache",
@@ -25,6 +35,7 @@ __all__ = [
     "UnconvertibleWeightsError",
     "UnsupportedArchitectureError",
     "describe",
+    "evaluate_perplexity",
     "from_pretrained",
     "get_adapter",
     "install_cache",
@@ -36,4 +47,5 @@ __all__ = [
     "register_grouping",
     "register_merge",
     "supported_model_types",
+    "uptrain",
 ]

@@ -1,0 +1,732 @@
+"""Uptraining converted models: PEFT LoRA, K/V-only or full training on the transformers `Trainer`.
+
+The GQA paper converts a multi-head checkpoint and then "uptrains" it briefly to recover quality. `uptrain` does
+that on any model `hf_gqa.patch` converted:
+
+    model = hf_gqa.patch(model, groups=4)
+    trained = hf_gqa.uptrain(model, tokenizer, texts, method="lora", max_steps=500, teacher=original_model)
+    trained.save_pretrained("out/")   # a PEFT adapter; `merge=True` returns a plain patched model instead
+
+Methods:
+    `"lora"`: a PEFT LoRA adapter on the converted attention projections of the family (`default_lora_targets`);
+        the result is a `peft.PeftModel`.
+    `"kv"`: only the converted key/value projections train. Where a family fuses q, k and v in one weight
+        (`c_attn`, `query_key_value`, `qkv_proj`), the whole fused weight has `requires_grad=True` but a gradient
+        hook zeroes every entry that does not feed a key or value head, and those weights are kept out of weight
+        decay, so the query rows stay bit-identical.
+    `"full"`: every parameter trains.
+
+Training is the stock `Trainer` (so `accelerate launch`, DDP, FSDP and DeepSpeed work through its arguments) with
+one change: with `teacher=`, the loss adds `distill_weight * T^2 * KL(teacher || student)` on the logits at
+temperature `T`. Text is tokenised, joined with EOS between documents and packed into blocks of `block_size`
+tokens; held-out perplexity (`evaluate_perplexity`) uses the same packing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+
+from .architectures import AttentionAdapter, get_adapter
+from .errors import GQAError
+from .patch import is_patched
+
+logger = logging.getLogger("hf_gqa")
+
+METHODS = ("lora", "kv", "full")
+
+#: Learning rates used when `uptrain` is given none.
+DEFAULT_LEARNING_RATES: dict[str, float] = {"lora": 5e-4, "kv": 2e-4, "full": 5e-5}
+
+#: The attention projections of each family (adapter `family`, or `config.model_type`) that conversion changes or
+#: that read the converted heads: the default LoRA targets, resolved inside each attention module only (GPT-2's MLP
+#: also has a `c_proj`).
+DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "phi": ("q_proj", "k_proj", "v_proj", "dense"),
+    "phi3": ("qkv_proj", "o_proj"),
+    "gpt2": ("c_attn", "c_proj"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "gpt_neox": ("query_key_value", "dense"),
+    "falcon": ("query_key_value", "dense"),
+    "bloom": ("query_key_value", "dense"),
+    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj"),
+}
+
+LOSS_LOG = "loss_log.jsonl"
+
+DataLike = Any
+"""Text for training or evaluation: a path (`str` or `os.PathLike`) to a text file or a folder of `*.txt` files, a
+list of `pathlib.Path`, a `datasets.Dataset` / `IterableDataset` with a text column, or any iterable of strings
+(each string one document)."""
+
+
+# -- which parameters train ------------------------------------------------------------------------------------
+def _base_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a `PeftModel` (or `model` itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _read_dependence(
+    adapter: AttentionAdapter, module: nn.Module, fields: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Which entries of `module`'s parameters the canonical `fields` (e.g. `k`, `v`) are read from.
+
+    Differentiates the sum of the adapter's canonical tensors `fields` with respect to the module's parameters:
+    an entry has a nonzero gradient exactly when a canonical entry is read from it (adapters read by reshaping
+    and slicing). Returns `{parameter name relative to module: bool mask of the parameter's shape}` for every
+    parameter with at least one such entry.
+    """
+    params = dict(module.named_parameters())
+    flags = {name: p.requires_grad for name, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            weights = adapter.read(module)
+            parts = [getattr(weights, f) for f in fields]
+            total = sum(t.float().sum() for t in parts if t is not None)
+            if not isinstance(total, torch.Tensor) or total.grad_fn is None:
+                raise GQAError(
+                    f"The {adapter.family} adapter's read() is not differentiable with respect to the module's "
+                    "parameters, so hf_gqa cannot tell which parameters hold the key/value projections. Pass "
+                    "target_modules= for LoRA, or use method='full'."
+                )
+            grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(flags[name])
+    return {name: g != 0 for name, g in zip(params, grads) if g is not None and bool((g != 0).any())}
+
+
+def kv_parameter_masks(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """The key/value projection parameters of every converted attention module.
+
+    Returns `{qualified parameter name: mask}`, where `mask` is `None` when the whole parameter is a key/value
+    projection (`k_proj.weight`), or a bool tensor of the parameter's shape marking the key/value rows of a fused
+    projection (`c_attn.weight` `[hidden, H*d + 2*K*d]`: the last `2*K*d` columns).
+    """
+    base = _base_model(model)
+    adapter = get_adapter(base)
+    masks: dict[str, torch.Tensor | None] = {}
+    for name, module in adapter.attention_modules(base):
+        for pname, mask in _read_dependence(adapter, module, ("k", "v", "k_bias", "v_bias")).items():
+            masks[f"{name}.{pname}"] = None if bool(mask.all()) else mask
+    return masks
+
+
+def attention_projection_names(model: nn.Module) -> list[str]:
+    """Short names of the submodules of an attention module that hold its q, k, v or output projections, found
+    from the adapter's `read()` (e.g. `["k_proj", "o_proj", "q_proj", "v_proj"]`)."""
+    base = _base_model(model)
+    adapter = get_adapter(base)
+    modules = adapter.attention_modules(base)
+    if not modules:
+        return []
+    fields = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias")
+    names = {pname.rpartition(".")[0] for pname in _read_dependence(adapter, modules[0][1], fields)}
+    if "" in names:
+        raise GQAError(
+            f"{adapter.family} attention holds projection weights directly on the attention module; LoRA needs "
+            "them in submodules. Pass target_modules= explicitly."
+        )
+    return sorted(names)
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """Qualified names of the attention projections that `uptrain(method="lora")` adapts by default.
+
+    The short names come from `DEFAULT_LORA_TARGETS` for the model's family (or, for a family not in that table,
+    from the adapter's `read()`); they are resolved inside each converted attention module, so that an MLP
+    projection of the same short name is not adapted. Raises `GQAError` when none can be found.
+    """
+    base = _base_model(model)
+    adapter = get_adapter(base)
+    short = DEFAULT_LORA_TARGETS.get(adapter.family) or DEFAULT_LORA_TARGETS.get(base.config.model_type)
+    if short is None:
+        short = tuple(attention_projection_names(base))
+    targets = []
+    for name, module in adapter.attention_modules(base):
+        targets.extend(f"{name}.{s}" for s in short if _has_submodule(module, s))
+    if not targets:
+        raise GQAError(
+            f"No default LoRA targets for family {adapter.family!r}; pass target_modules= (names of the attention "
+            "projections, e.g. ['q_proj', 'v_proj'])."
+        )
+    return targets
+
+
+def _add_lora(
+    model: PreTrainedModel,
+    lora_r: int,
+    lora_alpha: float | None,
+    lora_dropout: float,
+    target_modules: Sequence[str] | str | None,
+) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    if target_modules is None:
+        target_modules = default_lora_targets(model)
+    elif not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    config = LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_r,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _freeze_for_kv(model: nn.Module) -> tuple[list[torch.utils.hooks.RemovableHandle], list[str]]:
+    """Freeze everything but the K/V projections; mask fused projections' gradients to their K/V entries.
+
+    Returns the gradient hooks (to remove after training) and the names of the masked (fused) parameters.
+    """
+    masks = kv_parameter_masks(model)
+    if not masks:
+        raise GQAError("Found no key/value projection parameters to train.")
+    hooks, fused = [], []
+    for name, param in model.named_parameters():
+        if name not in masks:
+            param.requires_grad_(False)
+            continue
+        param.requires_grad_(True)
+        mask = masks[name]
+        if mask is not None:
+            keep = mask.to(param.device)
+            hooks.append(param.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype)))
+            fused.append(name)
+    return hooks, fused
+
+
+def prepare_for_method(
+    model: nn.Module,
+    method: str,
+    lora_r: int = 16,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    target_modules: Sequence[str] | str | None = None,
+) -> tuple[nn.Module, list[torch.utils.hooks.RemovableHandle], list[str]]:
+    """Set which parameters train for `method`; returns `(model to train, gradient hooks, masked names)`.
+
+    `"lora"` wraps `model` in a `PeftModel` (a `PeftModel` given is used as is); `"kv"` freezes all but the K/V
+    projections (see `kv_parameter_masks`); `"full"` makes every parameter trainable.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if method == "lora":
+        if hasattr(model, "peft_config"):
+            return model, [], []
+        return _add_lora(model, lora_r, lora_alpha, lora_dropout, target_modules), [], []
+    if hasattr(model, "peft_config"):
+        raise ValueError(
+            f"method={method!r} trains the model itself; pass the model before wrapping it with PEFT."
+        )
+    if method == "kv":
+        hooks, fused = _freeze_for_kv(model)
+        return model, hooks, fused
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model, [], []
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+def _text_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"No *.txt files in {path}.")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist (text data is a file, a folder of *.txt, or strings)."
+        )
+    return [path]
+
+
+def read_texts(data: DataLike, text_column: str = "text") -> list[str]:
+    """The documents in `data` (see `DataLike`): one string per file, dataset row or item."""
+    if isinstance(data, (str, os.PathLike)):
+        return [p.read_text(encoding="utf-8") for p in _text_files(Path(data))]
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        datasets = None
+    if datasets is not None and isinstance(data, (datasets.Dataset, datasets.IterableDataset)):
+        if data.column_names is not None and text_column not in data.column_names:
+            raise ValueError(f"The dataset has no {text_column!r} column (columns: {data.column_names}).")
+        return [row[text_column] for row in data]
+    texts = []
+    for item in data:
+        if isinstance(item, Path):
+            texts.extend(p.read_text(encoding="utf-8") for p in _text_files(item))
+        elif isinstance(item, str):
+            texts.append(item)
+        else:
+            raise TypeError(
+                f"Text data must hold strings or pathlib.Path objects, got {type(item).__name__}."
+            )
+    return texts
+
+
+def pack_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], block_size: int) -> torch.Tensor:
+    """Tokenise `texts`, join them with the EOS token between documents, cut into blocks.
+
+    Returns `[num_blocks, block_size]` token ids (int64); the tail shorter than a block is dropped.
+    """
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for text in texts:
+        if not text:
+            continue
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"The text holds {len(ids)} tokens, fewer than one block of {block_size}.")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).reshape(n, block_size)
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Packed blocks for causal LM training: item `i` is `{"input_ids": [block], "labels": [block]}`."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i].clone()}
+
+
+def _as_blocks(
+    data: DataLike | torch.Tensor, tokenizer: PreTrainedTokenizerBase, block_size: int, text_column: str
+) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data
+    return pack_blocks(tokenizer, read_texts(data, text_column), block_size)
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: DataLike | torch.Tensor,
+    block_size: int = 512,
+    batch_size: int = 4,
+    max_blocks: int | None = None,
+    text_column: str = "text",
+) -> float:
+    """Perplexity of `model` on `texts`: exp of the mean next-token loss over non-overlapping packed blocks.
+
+    Args:
+        texts: text in any `DataLike` form, or already packed `[num_blocks, block_size]` ids.
+        block_size: tokens per block (each block is scored independently, from its first token).
+        max_blocks: score only the first `max_blocks` blocks.
+
+    Returns:
+        `exp(sum of token losses / number of predicted tokens)`, `block_size - 1` predictions per block.
+    """
+    blocks = _as_blocks(texts, tokenizer, block_size, text_column)
+    if max_blocks is not None:
+        blocks = blocks[:max_blocks]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start : start + batch_size].to(device)
+            logits = model(input_ids=ids).logits.float()
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += loss.item()
+            count += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total / count)
+
+
+# -- distillation ----------------------------------------------------------------------------------------------
+def token_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-token `T^2 * KL(teacher || student)` at temperature `T`, summed over the predicted positions.
+
+    Args:
+        student_logits, teacher_logits: `[batch, seq, vocab]`.
+        labels: `[batch, seq]`; position `t` is scored when `labels[:, t + 1] != -100` (as for the LM loss).
+
+    Returns:
+        `(kl_sum, lm_sum, count)`: the KL summed over the scored positions (differentiable in the student), the
+        student's next-token loss summed over the same positions (detached, for logging) and their number.
+    """
+    valid = labels[:, 1:] != -100
+    student = student_logits[:, :-1][valid].float()
+    teacher = teacher_logits[:, :-1][valid].float()
+    log_student = F.log_softmax(student / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="sum") * temperature**2
+    with torch.no_grad():
+        targets = labels[:, 1:][valid]
+        log_probs = log_student if temperature == 1.0 else F.log_softmax(student, dim=-1)
+        lm = -log_probs.gather(-1, targets[:, None]).sum()
+    return kl, lm, int(valid.sum())
+
+
+class UptrainTrainer(Trainer):
+    """A `Trainer` whose training loss adds `distill_weight * T^2 * KL(teacher || student)` when `teacher` is given.
+
+    The KL is normalised like the LM loss (per token over the accumulated, device-averaged batch when the Trainer
+    passes `num_items_in_batch`), so gradient accumulation and data parallelism scale both terms alike.
+    Evaluation losses are the LM loss alone. Parameters named in `no_decay` are kept out of weight decay.
+    Logs add `lm_loss` and `distill_kl` (token means since the last log), `eval_perplexity` and `train_tokens`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher: nn.Module | None = None,
+        distill_weight: float = 1.0,
+        temperature: float = 1.0,
+        no_decay: Sequence[str] = (),
+        block_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+        self.distill_weight = distill_weight
+        self.temperature = temperature
+        self.no_decay = set(no_decay)
+        self.block_size = block_size
+        self._kl_sum, self._lm_sum, self._count = 0.0, 0.0, 0
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return [n for n in super().get_decay_parameter_names(model) if n not in self.no_decay]
+
+    def _teacher_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = inputs["input_ids"].device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            return self.teacher(**teacher_inputs).logits
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        distill = self.teacher is not None and model.training and self.distill_weight != 0
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if distill:
+            kl_sum, lm_sum, count = token_kl(
+                outputs.logits, self._teacher_logits(inputs), labels, self.temperature
+            )
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                kl = kl_sum / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    kl = kl * self.accelerator.num_processes
+            else:
+                kl = kl_sum / max(count, 1)
+            loss = loss + self.distill_weight * kl
+            self._kl_sum += kl_sum.item()
+            self._lm_sum += lm_sum.item()
+            self._count += count
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 700.0))
+        if "loss" in logs and self._count:
+            logs["lm_loss"] = self._lm_sum / self._count
+            logs["distill_kl"] = self._kl_sum / self._count
+            self._kl_sum, self._lm_sum, self._count = 0.0, 0.0, 0
+        if self.block_size:
+            logs["train_tokens"] = self.state.global_step * self.tokens_per_step()
+        super().log(logs, start_time)
+
+    def tokens_per_step(self) -> int:
+        """Training tokens per optimiser step over all processes."""
+        args = self.args
+        return (
+            args.per_device_train_batch_size
+            * args.gradient_accumulation_steps
+            * args.world_size
+            * (self.block_size or 0)
+        )
+
+
+class LossLogCallback(TrainerCallback):
+    """Writes every log (training loss, eval loss, speed) as one JSON line to `path`, on the main process."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+        if state.is_world_process_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            row = {"step": state.global_step, "time_s": round(time.perf_counter() - self.start, 3), **logs}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+class TimeLimitCallback(TrainerCallback):
+    """Stops training after `max_seconds` of wall time (all processes stop at the same step), evaluating once
+    more if an evaluation set is configured."""
+
+    def __init__(self, max_seconds: float) -> None:
+        self.max_seconds = max_seconds
+        self.start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        over = torch.tensor(float(time.perf_counter() - self.start > self.max_seconds), device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
+        if over.item():
+            control.should_training_stop = True
+            control.should_evaluate = args.eval_strategy != "no"
+            control.should_log = True
+        return control
+
+
+# -- the entry point -------------------------------------------------------------------------------------------
+def uptrain(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_data: DataLike,
+    method: str = "lora",
+    max_steps: int = 100,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 1.0,
+    temperature: float = 1.0,
+    lora_r: int = 16,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    target_modules: Sequence[str] | str | None = None,
+    eval_data: DataLike | None = None,
+    eval_fraction: float = 0.0,
+    max_eval_blocks: int | None = None,
+    block_size: int = 512,
+    learning_rate: float | None = None,
+    output_dir: str | os.PathLike | None = None,
+    merge: bool = False,
+    text_column: str = "text",
+    max_seconds: float | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+    **training_args: Any,
+) -> nn.Module:
+    """Uptrain a converted model on text with the transformers `Trainer`; returns the trained model.
+
+    Args:
+        model: a model converted by `hf_gqa.patch` (any transformers causal LM of a supported family works).
+        tokenizer: its tokenizer.
+        train_data: training text: a file or folder path, a list of `pathlib.Path`, a `datasets.Dataset` with a
+            `text_column`, or an iterable of strings. Packed into `[block_size]` blocks with EOS between documents.
+        method: `"lora"`, `"kv"` or `"full"` (see the module docstring).
+        max_steps: optimiser steps.
+        teacher: optional model (typically the original, unconverted one) whose logits the student matches with a
+            KL term beside the LM loss. Put in eval mode and run without gradients, on the student's device. It
+            must be a separate object: `patch` converts in place, so keep a copy (`copy.deepcopy(model)`) first.
+        distill_weight: weight of the KL term: `loss = lm_loss + distill_weight * T^2 * KL(teacher || student)`.
+        temperature: softmax temperature `T` of the KL term.
+        lora_r, lora_alpha, lora_dropout: LoRA rank, scale (default `2 * lora_r`) and dropout.
+        target_modules: LoRA targets; default `default_lora_targets(model)` (the family's attention projections).
+        eval_data: held-out text (same forms as `train_data`), scored every `eval_steps` as `eval_loss` and
+            `eval_perplexity`.
+        eval_fraction: without `eval_data`, hold out this fraction of the training blocks (the last ones).
+        max_eval_blocks: evaluate on at most this many blocks.
+        block_size: tokens per training block.
+        learning_rate: default `DEFAULT_LEARNING_RATES[method]`.
+        output_dir: where the Trainer writes and the loss log (`loss_log.jsonl`, one JSON object per log, ending
+            with an evaluation of the final model when there is an evaluation set) goes; a temporary folder
+            (deleted afterwards) by default. The trained model is not saved there: call `save_pretrained` on the
+            result.
+        merge: for LoRA, return `merge_and_unload()`: a plain converted model with the adapter folded in.
+        text_column: the text column of a `datasets.Dataset`.
+        max_seconds: stop after this much training wall time (at a step boundary, on every process together).
+        callbacks: extra `TrainerCallback`s.
+        training_args: any other `TrainingArguments` (`per_device_train_batch_size` (default 4),
+            `gradient_accumulation_steps`, `weight_decay`, `lr_scheduler_type`, `warmup_steps`, `eval_steps`,
+            `logging_steps`, `bf16`, `seed`, `fsdp`, `deepspeed`, ...). Launched as several processes on a
+            machine without an accelerator (`torchrun`, `accelerate launch --multi_gpu`), `use_cpu` defaults to
+            True so that data parallelism runs on gloo.
+
+    Returns:
+        For `"lora"`, the `peft.PeftModel` (its `save_pretrained` saves the adapter), or with `merge=True` the
+        merged plain model; for `"kv"` and `"full"`, `model` itself. In eval mode.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if merge and method != "lora":
+        raise ValueError("merge=True applies to method='lora' only.")
+    if not is_patched(_base_model(model)):
+        logger.warning("uptrain: this model was not converted by hf_gqa.patch; training it as it is.")
+    if teacher is not None and teacher is _base_model(model):
+        raise ValueError(
+            "teacher is the model being trained; pass a copy of the original taken before patching."
+        )
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    train_blocks = _as_blocks(train_data, tokenizer, block_size, text_column)
+    eval_blocks = None
+    if eval_data is not None:
+        eval_blocks = _as_blocks(eval_data, tokenizer, block_size, text_column)
+    elif eval_fraction > 0:
+        n_eval = max(1, int(round(train_blocks.shape[0] * eval_fraction)))
+        if n_eval >= train_blocks.shape[0]:
+            raise ValueError(f"eval_fraction={eval_fraction} leaves no training blocks.")
+        train_blocks, eval_blocks = train_blocks[:-n_eval], train_blocks[-n_eval:]
+    if eval_blocks is not None and max_eval_blocks is not None:
+        eval_blocks = eval_blocks[:max_eval_blocks]
+
+    trained, hooks, fused = prepare_for_method(
+        model, method, lora_r, lora_alpha, lora_dropout, target_modules
+    )
+    tmp = None
+    if output_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="hf_gqa_uptrain_")
+        output_dir = tmp.name
+    try:
+        args = _training_arguments(
+            output_dir, max_steps, learning_rate or DEFAULT_LEARNING_RATES[method], eval_blocks, training_args
+        )
+        all_callbacks = [LossLogCallback(Path(output_dir) / LOSS_LOG), *callbacks]
+        if max_seconds is not None:
+            all_callbacks.append(TimeLimitCallback(max_seconds))
+        trainer = UptrainTrainer(
+            model=trained,
+            args=args,
+            train_dataset=TokenBlocks(train_blocks),
+            eval_dataset=TokenBlocks(eval_blocks) if eval_blocks is not None else None,
+            callbacks=all_callbacks,
+            teacher=teacher,
+            distill_weight=distill_weight,
+            temperature=temperature,
+            no_decay=fused,
+            block_size=block_size,
+        )
+        trainer.train()
+        if eval_blocks is not None and not _evaluated_at(
+            trainer.state.log_history, trainer.state.global_step
+        ):
+            trainer.evaluate()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if tmp is not None:
+            tmp.cleanup()
+    trained = trainer.model
+    trained.eval()
+    if merge:
+        trained = trained.merge_and_unload()
+        trained.eval()
+    return trained
+
+
+def _evaluated_at(log_history: list[dict[str, Any]], step: int) -> bool:
+    return any("eval_loss" in row and row.get("step") == step for row in log_history)
+
+
+def _distributed_cpu_launch() -> bool:
+    """Several processes (`torchrun`, `accelerate launch --multi_gpu`) on a machine without an accelerator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return not has_accelerator
+
+
+def _training_arguments(
+    output_dir: str | os.PathLike,
+    max_steps: int,
+    learning_rate: float,
+    eval_blocks: torch.Tensor | None,
+    overrides: dict[str, Any],
+) -> TrainingArguments:
+    """`TrainingArguments` for uptraining: no checkpoints, no reporting, loss-only evaluation; `overrides` win."""
+    values: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        logging_steps=max(1, min(10, max_steps // 10)),
+        save_strategy="no",
+        report_to="none",
+        prediction_loss_only=True,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(0, min(100, max_steps // 20)),
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    if eval_blocks is not None:
+        values.update(eval_strategy="steps", eval_steps=max(1, max_steps // 10))
+    if _distributed_cpu_launch():
+        values["use_cpu"] = (
+            True  # data parallel on CPU: gloo (accelerate otherwise starts a group it does not use)
+        )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+__all__ = [
+    "DEFAULT_LEARNING_RATES",
+    "DEFAULT_LORA_TARGETS",
+    "LOSS_LOG",
+    "LossLogCallback",
+    "TimeLimitCallback",
+    "TokenBlocks",
+    "UptrainTrainer",
+    "attention_projection_names",
+    "default_lora_targets",
+    "evaluate_perplexity",
+    "kv_parameter_masks",
+    "pack_blocks",
+    "prepare_for_method",
+    "read_texts",
+    "token_kl",
+    "uptrain",
+]

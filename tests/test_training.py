@@ -1,0 +1,460 @@
+"""Uptraining: LoRA targets, which parameters train per method, PEFT round trips, distillation, data, CLI.
+
+Every test that concerns a family runs on every case of `tests.cases` (tiny random models), so families added
+later are covered without editing this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+import hf_gqa
+from hf_gqa.training import (
+    DEFAULT_LORA_TARGETS,
+    LOSS_LOG,
+    UptrainTrainer,
+    attention_projection_names,
+    default_lora_targets,
+    evaluate_perplexity,
+    kv_parameter_masks,
+    pack_blocks,
+    prepare_for_method,
+    read_texts,
+    uptrain,
+)
+from tests.cases import all_cases
+
+CASES = all_cases()
+IDS = [c.name for c in CASES]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A real byte-level tokenizer with exactly 256 tokens (one per byte), matching the tiny models' vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0], pad_token=alphabet[0])
+
+
+def patched(case, groups: int | None = None):
+    model = case.make()
+    hf_gqa.patch(model, groups=case.groups[-1] if groups is None else groups)
+    return model
+
+
+def batch(seed: int = 0, size: tuple[int, int] = (2, 16)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 200, size, generator=g)
+
+
+def randomize_lora(model: nn.Module, seed: int = 0) -> None:
+    """Give every LoRA matrix random values (B starts at zero, which would make every comparison trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def zero_dropout(model: nn.Module) -> nn.Module:
+    """Turn off every dropout (modules, and the float rates families keep on modules and configs)."""
+    names = (
+        "dropout",
+        "attention_dropout",
+        "activation_dropout",
+        "hidden_dropout",
+        "layerdrop",
+        "attn_pdrop",
+    )
+    names += ("resid_pdrop", "embd_pdrop", "attn_dropout", "resid_dropout", "embed_dropout")
+    for m in [*model.modules(), model.config]:
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in names:
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    return model
+
+
+# -- LoRA targets ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_lora_targets_exist_after_patching(case):
+    model = patched(case)
+    adapter = hf_gqa.get_adapter(model)
+    short = DEFAULT_LORA_TARGETS[adapter.family]
+    # The table agrees with what the adapter reads q, k, v and o from.
+    assert sorted(short) == attention_projection_names(model)
+    targets = default_lora_targets(model)
+    attention = adapter.attention_modules(model)
+    assert len(targets) == len(short) * len(attention)
+    for name in targets:
+        module = model.get_submodule(name)
+        assert hasattr(module, "weight") and module.weight.ndim == 2, name
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, task_type="CAUSAL_LM"))
+    wrapped = {
+        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
+    }
+    assert wrapped == set(targets)
+
+
+# -- which parameters receive gradients ------------------------------------------------------------------------
+def _backward(model: nn.Module) -> None:
+    ids = batch(1)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_lora_gradients_only_on_adapters(case):
+    model, _, _ = prepare_for_method(patched(case), "lora", lora_r=4)
+    _backward(model)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad and p.grad is not None, name
+            if "lora_B" in name:  # A's gradient is zero while B is zero (PEFT's init)
+                assert p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kv_gradients_only_on_kv_entries(case):
+    model = patched(case)
+    masks = kv_parameter_masks(model)
+    trained, hooks, fused = prepare_for_method(model, "kv")
+    assert trained is model
+    _backward(model)
+    for name, p in model.named_parameters():
+        if name not in masks:
+            assert not p.requires_grad and p.grad is None, name
+            continue
+        assert p.grad is not None, name
+        mask = masks[name]
+        if mask is None:
+            mask = torch.ones_like(p, dtype=torch.bool)
+        else:
+            assert name in fused
+        assert torch.count_nonzero(p.grad[~mask]) == 0, f"{name}: gradient outside the K/V entries"
+        if p.ndim == 2:
+            assert p.grad[mask].abs().sum() > 0, name
+    # Independently of layout: exactly 2 * K * d * D weights (+ 2 * K * d biases) train per attention module.
+    adapter = hf_gqa.get_adapter(model)
+    hidden = model.config.get_text_config(decoder=True).hidden_size
+    for name, module in adapter.attention_modules(model):
+        k_heads, d = adapter.num_kv_heads(module), adapter.head_dim(module)
+        has_bias = adapter.read(module).k_bias is not None
+        expected = 2 * k_heads * d * hidden + (2 * k_heads * d if has_bias else 0)
+        own = {n: m for n, m in masks.items() if n.startswith(name + ".")}
+        count = sum(int(m.sum()) if m is not None else model.get_parameter(n).numel() for n, m in own.items())
+        assert count == expected, name
+    for hook in hooks:
+        hook.remove()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_full_gradients_everywhere(case):
+    model, _, _ = prepare_for_method(patched(case), "full")
+    _backward(model)
+    for name, p in model.named_parameters():
+        assert p.requires_grad and p.grad is not None, name
+        if p.ndim == 2:
+            assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kv_trainer_steps_change_only_kv_entries(case, tmp_path):
+    """Two real Trainer steps with weight decay: every entry outside the K/V projections stays bit-identical."""
+    model = patched(case)
+    masks = kv_parameter_masks(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    blocks = batch(2, (8, 16))
+    uptrain(
+        model,
+        byte_tokenizer(),
+        blocks,
+        method="kv",
+        max_steps=2,
+        block_size=16,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        per_device_train_batch_size=4,
+        output_dir=tmp_path,
+        disable_tqdm=True,
+    )
+    changed = 0
+    for name, p in model.named_parameters():
+        mask = masks.get(name, False)
+        if mask is False:
+            assert torch.equal(p, before[name]), name
+        elif mask is not None:
+            assert torch.equal(p[~mask], before[name][~mask]), f"{name}: non-K/V entries moved"
+            changed += int(not torch.equal(p[mask], before[name][mask]))
+        else:
+            changed += int(not torch.equal(p, before[name]))
+    assert changed > 0
+    assert all(not p._backward_hooks for p in model.parameters()), "uptrain left gradient hooks behind"
+
+
+# -- PEFT round trips ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_lora_merge_agrees_and_merged_model_saves(case, tmp_path):
+    model, _, _ = prepare_for_method(patched(case), "lora", lora_r=4)
+    randomize_lora(model)
+    model.eval()
+    ids = batch(3)
+    unmerged = logits(model, ids)
+    merged = model.merge_and_unload()
+    assert not hasattr(merged, "peft_config") or not merged.peft_config
+    torch.testing.assert_close(logits(merged, ids), unmerged, rtol=0, atol=1e-5)
+    merged.save_pretrained(tmp_path)
+    reloaded = hf_gqa.from_pretrained(tmp_path)
+    assert torch.equal(logits(reloaded, ids), logits(merged, ids))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_adapter_reloads_onto_freshly_patched_model(case, tmp_path):
+    from peft import PeftModel
+
+    model, _, _ = prepare_for_method(patched(case), "lora", lora_r=4)
+    randomize_lora(model)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").exists() and not (tmp_path / "model.safetensors").exists()
+    fresh = PeftModel.from_pretrained(patched(case), tmp_path).eval()
+    ids = batch(4)
+    assert torch.equal(logits(fresh, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_users_own_peft_code_trains(case):
+    """`get_peft_model(patched, LoraConfig(target_modules=[usual names], task_type="CAUSAL_LM"))` trains a step."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    model = patched(case)
+    usual = list(DEFAULT_LORA_TARGETS[hf_gqa.get_adapter(model).family])
+    if model.config.model_type in PEFT_DEFAULTS:
+        usual = PEFT_DEFAULTS[model.config.model_type]
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=usual, task_type="CAUSAL_LM"))
+    lora_b = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_B" in n}
+    assert lora_b
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = batch(5)
+    peft_model.train()
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(p, lora_b[n]) for n, p in peft_model.named_parameters() if n in lora_b)
+    out = peft_model.eval().generate(input_ids=ids[:, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 7)
+
+
+# -- distillation ----------------------------------------------------------------------------------------------
+def _distill_terms(
+    student: nn.Module, teacher: nn.Module, tmp_path: Path
+) -> tuple[float, float, torch.Tensor]:
+    """`(KL per token, LM loss per token, total loss)` of one training forward through `UptrainTrainer`."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = UptrainTrainer(model=student, args=args, teacher=teacher, distill_weight=0.5)
+    ids = batch(6)
+    student.train()
+    loss = trainer.compute_loss(student, {"input_ids": ids, "labels": ids})
+    return trainer._kl_sum / trainer._count, trainer._lm_sum / trainer._count, loss
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_teacher_kl_zero_for_itself_positive_for_original(case, tmp_path):
+    student = zero_dropout(patched(case))
+    kl, lm, loss = _distill_terms(student, copy.deepcopy(student), tmp_path)
+    assert kl == 0.0
+    torch.testing.assert_close(loss.item(), lm, rtol=1e-5, atol=1e-5)
+
+    original = zero_dropout(case.make())
+    kl, lm, loss = _distill_terms(student, original, tmp_path)
+    assert kl > 0
+    assert original.training is False
+    assert loss.requires_grad
+    # Total = LM loss + distill_weight * KL (same normalisation for both terms here: one batch, one process).
+    ids = batch(6)
+    lm_model = student(input_ids=ids, labels=ids).loss.item()
+    torch.testing.assert_close(loss.item(), lm_model + 0.5 * kl, rtol=1e-4, atol=1e-4)
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+TEXTS = ["It is a truth universally acknowledged. " * 8, "Emma Woodhouse, handsome, clever, and rich. " * 8]
+
+
+def test_data_forms_pack_to_the_same_blocks(tmp_path):
+    import datasets
+
+    tok = byte_tokenizer()
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, text in enumerate(TEXTS):
+        (folder / f"{i}.txt").write_text(text)
+    forms = [
+        TEXTS,
+        iter(TEXTS),
+        datasets.Dataset.from_dict({"text": TEXTS}),
+        folder,
+        str(folder),
+        [folder / "0.txt", folder / "1.txt"],
+    ]
+    expected = pack_blocks(tok, TEXTS, 32)
+    n_tokens = sum(len(t.encode()) + 1 for t in TEXTS)  # bytes plus one EOS each
+    assert expected.shape == (n_tokens // 32, 32)
+    assert expected.reshape(-1)[len(TEXTS[0].encode())] == tok.eos_token_id
+    for form in forms:
+        assert torch.equal(pack_blocks(tok, read_texts(form), 32), expected)
+    with pytest.raises(TypeError):
+        read_texts([1, 2])
+    with pytest.raises(FileNotFoundError):
+        read_texts(tmp_path / "missing.txt")
+
+
+def test_evaluate_perplexity_is_exp_mean_token_loss():
+    model = CASES[0].make()
+    tok = byte_tokenizer()
+    blocks = pack_blocks(tok, TEXTS, 32)
+    losses = [model(input_ids=b[None], labels=b[None]).loss.item() for b in blocks]
+    expected = torch.tensor(losses).double().mean().exp().item()
+    assert evaluate_perplexity(model, tok, TEXTS, block_size=32, batch_size=3) == pytest.approx(
+        expected, rel=1e-5
+    )
+    assert evaluate_perplexity(model, tok, blocks, block_size=32) == pytest.approx(expected, rel=1e-5)
+
+
+def test_uptrain_lora_logs_evaluates_and_merges(tmp_path):
+    case = CASES[0]
+    tok = byte_tokenizer()
+    teacher = case.make()
+    trained = uptrain(
+        patched(case),
+        tok,
+        TEXTS * 4,
+        method="lora",
+        max_steps=3,
+        teacher=teacher,
+        block_size=32,
+        eval_fraction=0.25,
+        output_dir=tmp_path,
+        logging_steps=1,
+        eval_steps=3,
+        disable_tqdm=True,
+    )
+    assert hasattr(trained, "peft_config") and not trained.training
+    rows = [json.loads(line) for line in (tmp_path / LOSS_LOG).read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert all(r["distill_kl"] >= 0 and "lm_loss" in r for r in train_rows)
+    assert train_rows[-1]["train_tokens"] == 3 * 4 * 32
+    assert any("eval_perplexity" in r for r in rows)
+    merged = uptrain(
+        patched(case),
+        tok,
+        TEXTS * 4,
+        method="lora",
+        max_steps=1,
+        block_size=32,
+        merge=True,
+        disable_tqdm=True,
+    )
+    assert not hasattr(merged, "peft_config") and hf_gqa.is_patched(merged)
+
+
+def test_uptrain_rejects_bad_arguments():
+    case = CASES[0]
+    with pytest.raises(ValueError, match="method"):
+        uptrain(patched(case), byte_tokenizer(), TEXTS, method="qlora")
+    with pytest.raises(ValueError, match="merge"):
+        uptrain(patched(case), byte_tokenizer(), TEXTS, method="kv", merge=True)
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+def _save_tiny(tmp_path: Path) -> tuple[Path, Path]:
+    case = next((c for c in CASES if c.name == "llama-mha"), CASES[0])
+    model_dir, text = tmp_path / "model", tmp_path / "corpus.txt"
+    case.make().save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    text.write_text("\n\n".join(TEXTS * 8))
+    return model_dir, text
+
+
+def test_cli_uptrain_in_process_full_saves_a_loadable_model(tmp_path):
+    main = importlib.import_module(_cli_module()).main
+    model_dir, text = _save_tiny(tmp_path)
+    out = tmp_path / "out"
+    argv = f"uptrain --model {model_dir} --groups 2 --data {text} --method full --steps 2 --block-size 32"
+    argv += f" --batch-size 2 --out {out} --no-progress --teacher --eval-fraction 0.2"
+    assert main(argv.split()) == 0
+    reloaded = hf_gqa.from_pretrained(out)
+    assert hf_gqa.is_patched(reloaded)
+    assert json.loads((out / "uptrain_summary.json").read_text())["eval_perplexity"] > 0
+    assert (out / LOSS_LOG).read_text()
+
+
+def _cli_module() -> str:
+    """`hf_gqa.cli` once it carries the `uptrain` subcommand, else the module that defines it."""
+    cli = REPO / "hf_gqa" / "cli.py"
+    return "hf_gqa.cli" if cli.exists() and "add_uptrain_parser" in cli.read_text() else "hf_gqa.training_cli"
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "accelerate").exists(), reason="no accelerate CLI")
+def test_two_process_cpu_run_finishes_and_saves(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: two gloo processes train one model together."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, text = _save_tiny(tmp_path)
+    out = tmp_path / "out"
+    launch = (
+        f"{Path(sys.executable).parent / 'accelerate'} launch --multi_gpu --num_processes 2 --num_machines 1"
+    )
+    launch += " --mixed_precision no --dynamo_backend no"
+    command = (
+        f"-m {_cli_module()} uptrain --model {model_dir} --groups 2 --data {text} --method lora --steps 3"
+    )
+    command += (
+        f" --block-size 32 --batch-size 2 --eval-fraction 0.1 --out {out} --no-progress --logging-steps 1"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(
+        f"{launch} {command}".split(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr
+    assert (out / "adapter_config.json").exists()
+    rows = [json.loads(line) for line in (out / LOSS_LOG).read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]  # written once, by the main process
+    assert train_rows[-1]["train_tokens"] == 3 * 2 * 2 * 32  # steps * batch * processes * block
+    assert json.loads((out / "uptrain_summary.json").read_text())["eval_step"] == 3
+    base = hf_gqa.patch(AutoModelForCausalLM.from_pretrained(model_dir), groups=2)
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    assert torch.isfinite(logits(reloaded, batch(7))).all()
