@@ -4,6 +4,7 @@ import hf_gqa
 model = hf_gqa.patch(model, groups=8)   # 8 key/value heads after conversion
 """
 
+from . import evaluation  # noqa: F401  (registers the lm-eval model "hf-gqa")
 from .architectures import get_adapter, register_adapter, supported_model_types
 from .cache import GQACache, install_cache, kv_bytes_per_token
 from .canonical import AttentionWeights, RotarySpec

@@ -1,0 +1,162 @@
+"""The `hf-gqa` command: help, convert end to end, eval and bench on tiny models, and its error messages."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_gqa
+from hf_gqa.cli import main
+from tests.tokenizer_fixture import load_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny 4-head Llama with SmolLM2's tokenizer, saved as a transformers folder."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(num_heads=4).save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+    return path
+
+
+def _fail(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["convert", "eval", "bench"])
+def test_help_of_each_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: hf-gqa {command}" in out and "--groups" in out and "--model" in out
+
+
+def test_runs_as_a_module():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_gqa.cli", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0 and "convert" in done.stdout and "bench" in done.stdout
+
+
+def test_convert_end_to_end(model_dir, tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert main(["convert", "--model", str(model_dir), "--groups", "2", "--out", str(out)]) == 0
+    assert "saved to" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(out)  # a uniform Llama conversion is a standard checkpoint
+    assert loaded.config.num_key_value_heads == 2
+    expected = hf_gqa.patch(copy.deepcopy(AutoModelForCausalLM.from_pretrained(model_dir)), groups=2)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected(ids).logits)
+    assert (
+        AutoTokenizer.from_pretrained(out)("Hello world").input_ids
+        == load_tokenizer()("Hello world").input_ids
+    )
+
+
+def test_convert_per_layer_groups(model_dir, tmp_path):
+    out = tmp_path / "per_layer"
+    assert (
+        main(["convert", "--model", str(model_dir), "--groups", "2,1", "--merge", "first", "--out", str(out)])
+        == 0
+    )
+    loaded = hf_gqa.from_pretrained(out)
+    assert [layer.kv_heads_after for layer in hf_gqa.describe(loaded).layers] == [2, 1]
+
+
+def test_eval_writes_a_report(model_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--groups",
+        "4,2",
+        "--tasks",
+        "hf_gqa_arc_easy",
+        "--limit",
+        "2",
+    ]
+    argv += [
+        "--speed-context",
+        "16",
+        "--speed-new-tokens",
+        "2",
+        "--speed-repeats",
+        "1",
+        "--fidelity-tokens",
+        "32",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "hf_gqa_arc_easy" in printed and "kv=2" in printed
+    report = json.loads((out / "report.json").read_text())
+    # 4 is the model's own KV head count: the original, evaluated once
+    assert [v["name"] for v in report["variants"]] == ["original", "kv=2"]
+    assert report["settings"]["command"].startswith("hf-gqa eval --model")
+    assert (out / "report.md").exists() and (out / "quality_vs_speed.png").exists()
+
+
+def test_bench_writes_results(model_dir, tmp_path, capsys):
+    argv = ["bench", "--model", str(model_dir), "--groups", "4,2,1", "--batch", "1", "--context", "8"]
+    argv += ["--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path), "--name", "tiny"]
+    assert main(argv) == 0
+    assert "patched / native" in capsys.readouterr().out
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == [
+        "original",
+        "kv=2 patched",
+        "kv=2 native",
+        "kv=1 patched",
+        "kv=1 native",
+    ]
+    assert data["settings"]["command"].startswith("hf-gqa bench")
+
+
+def test_error_missing_model_path(tmp_path, capsys):
+    err = _fail(
+        ["convert", "--model", str(tmp_path / "nope"), "--groups", "2", "--out", str(tmp_path / "o")], capsys
+    )
+    assert "hf-gqa convert: error: no such model folder" in err and "Traceback" not in err
+    err = _fail(["bench", "--model", str(tmp_path), "--groups", "2"], capsys)
+    assert "no config.json" in err
+
+
+@pytest.mark.parametrize("groups", ["2,x", "0", "", "2,,1"])
+def test_error_bad_groups_list(model_dir, tmp_path, groups, capsys):
+    err = _fail(["convert", "--model", str(model_dir), "--groups", groups, "--out", str(tmp_path)], capsys)
+    assert "argument --groups: invalid groups" in err
+    err = _fail(["eval", "--model", str(model_dir), "--groups", groups], capsys)
+    assert "argument --groups: invalid groups" in err
+
+
+def test_error_groups_that_do_not_fit_the_model(model_dir, tmp_path, capsys):
+    err = _fail(["convert", "--model", str(model_dir), "--groups", "3", "--out", str(tmp_path)], capsys)
+    assert "does not divide the 4 query heads" in err and "[1, 2, 4]" in err
+
+
+def test_error_unknown_task_lists_the_available_ones(model_dir, capsys):
+    err = _fail(["eval", "--model", str(model_dir), "--groups", "2", "--tasks", "hf_gqa_wikipeda"], capsys)
+    assert "unknown task 'hf_gqa_wikipeda'" in err and "did you mean: hf_gqa_wikipedia" in err
+    for name in ("hf_gqa_wikipedia", "hf_gqa_hellaswag", "hf_gqa_arc_easy", "hf_gqa_winogrande"):
+        assert name in err
