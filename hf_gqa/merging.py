@@ -304,11 +304,12 @@ def _activation_merge(
     procrustes: bool = False,
 ) -> AttentionWeights:
     sigma = _sigma(stats, method).to(weights.k.device)
-    if weights.extras.get("key_norm"):
+    blocker = weights.extras.get("no_fold")
+    if blocker:
         raise ValueError(
-            f"merge={method!r} cannot fold maps through this family's per-head key normalisation (q_norm/k_norm); "
-            "use merge='mean' or 'first'."
+            f"merge={method!r} cannot fold maps through this model's {blocker}; use merge='mean' or 'first'."
         )
+
     keys, queries = _merge_keys(weights, groups, sigma, score_aware, procrustes)
     values, out = _merge_values(weights, groups, sigma, score_aware, procrustes)
     k, k_bias = _split_augmented(keys, weights.k, weights.k_bias)

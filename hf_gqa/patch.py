@@ -298,6 +298,8 @@ def forget_gguf_quantizer(model: PreTrainedModel) -> None:
     """Drop the GGUF marker of a de-quantized model, so that it saves as an ordinary float checkpoint."""
     if _is_dequantized_gguf(model):
         model.hf_quantizer = None
+        if "is_quantized" in model.__dict__:  # set as a plain attribute when transformers loads a GGUF file
+            model.is_quantized = False
         model.config.__dict__.pop("quantization_config", None)
 
 

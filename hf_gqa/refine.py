@@ -20,6 +20,18 @@ def _call(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return _output(module(*args, **kwargs))
 
 
+def _rows(obj, index: int, batch: int):
+    """`obj` (a tensor, or tuples/lists/dicts of them) restricted to batch row `index` where its first dim is
+    the batch; everything else is passed through."""
+    if isinstance(obj, torch.Tensor):
+        return obj[index : index + 1] if obj.dim() and obj.shape[0] == batch and batch > 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rows(o, index, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _rows(v, index, batch) for k, v in obj.items()}
+    return obj
+
+
 def refine_module(
     original: nn.Module,
     converted: nn.Module,
@@ -62,7 +74,7 @@ def refine_module(
         return float(num / den)
 
     before = error()
-    if before < 1e-12:  # already exact (e.g. groups == heads): Adam would only add noise
+    if before < 1e-10:  # exact to float precision (e.g. groups == heads): Adam steps would only add noise
         for p, grad in zip(params, grads):
             p.requires_grad_(grad)
         converted.train(was_training)
@@ -72,8 +84,11 @@ def refine_module(
     g = torch.Generator().manual_seed(seed)
     order = torch.randint(len(inputs), (steps,), generator=g).tolist()
     for i in order:
+        # one sequence of a captured batch per step: cheaper steps, same expected gradient
         args, kwargs = inputs[i]
-        target = targets[i]
+        batch = targets[i].shape[0]
+        row = int(torch.randint(batch, (1,), generator=g))
+        args, kwargs, target = _rows(args, row, batch), _rows(kwargs, row, batch), targets[i][row : row + 1]
         out = _call(converted, args, kwargs).float()
         loss = ((out - target) ** 2).sum() / (target**2).sum()
         opt.zero_grad(set_to_none=True)
