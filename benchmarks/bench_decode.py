@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--sequential", action="store_true", help="one converted variant in memory at a time")
+    p.add_argument(
+        "--lockstep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode the variants step by step, each step timed on its own (default: on CPU only)",
+    )
     p.add_argument("--name", default=None, help="results file stem (default: <device>_llama<preset>_<dtype>)")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         prefill_repeats=args.prefill_repeats,
         interleave=not args.sequential,
+        lockstep=args.lockstep,
     )
     report.settings.update(
         command=command,

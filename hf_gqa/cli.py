@@ -350,6 +350,12 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         default=None,
         help="timed prefills per variant (default: --repeats); the other runs decode from a copy of the cache",
     )
+    p.add_argument(
+        "--lockstep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode all variants step by step, each step timed on its own (default: on CPU, not on CUDA)",
+    )
     p.add_argument("--no-native", action="store_true", help="do not time the natively-GQA twin")
     p.add_argument(
         "--sequential",
@@ -378,6 +384,7 @@ def run_bench(args: argparse.Namespace) -> int:
         merge=args.merge,
         native=not args.no_native,
         interleave=not args.sequential,
+        lockstep=args.lockstep,
     )
     report.settings["model"] = args.model or args.gguf_file
     report.settings["command"] = args.command_line

@@ -41,7 +41,7 @@ def _fail(argv: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["convert", "eval", "bench"])
+@pytest.mark.parametrize("command", ["convert", "eval", "bench", "uptrain"])
 def test_help_of_each_subcommand(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -259,11 +259,23 @@ def test_metrics_load_offline_and_give_known_values(monkeypatch):
 
 
 # -- bench ---------------------------------------------------------------------------------------------------------------
-def test_bench_times_original_patched_and_native():
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_bench_times_original_patched_and_native(lockstep):
     model = tiny_llama(num_heads=4, vocab_size=256)
     result = bench(
-        model, groups=[4, 2, 1], batch=[2], context=[8], new_tokens=2, warmup=0, repeats=1, progress=False
+        model,
+        groups=[4, 2, 1],
+        batch=[2],
+        context=[8],
+        new_tokens=2,
+        warmup=1,
+        repeats=2,
+        prefill_repeats=1,
+        lockstep=lockstep,
+        progress=False,
     )
+    assert all(len(r.prefill_s) == 1 and len(r.decode_s) == 2 for r in result.rows)
+    assert result.settings["lockstep"] is lockstep
     assert [(r.variant, r.kind) for r in result.rows] == [
         ("original", "original"),
         ("kv=2 patched", "patched"),

@@ -6,8 +6,9 @@ the same code: a prefill forward over `[batch, context]` random token ids into a
 `new_tokens` greedy decode steps (one forward each, feeding back the argmax token with a growing attention mask,
 as `generate()` does without its logits processors). Each variant uses the cache `generate()` would give it (a
 `GQACache` for patched models, a `DynamicCache` otherwise). Variants are measured interleaved, in a rotating
-order, `warmup` untimed and `repeats` timed times; the report gives medians. On CUDA every timing is bracketed by
-`torch.cuda.synchronize()`.
+order, `warmup` untimed and `repeats` timed times; the report gives medians. On CPU (by default) the decode steps
+of all variants run in lockstep, each step timed on its own, so that load from other processes hits every variant
+alike. On CUDA every timing is bracketed by `torch.cuda.synchronize()`.
 
 The native model shows what a model trained with GQA would run at: the patched/native decode ratio is the
 overhead of hf_gqa itself (target: >= 0.97).
@@ -220,6 +221,37 @@ def time_decode(model: PreTrainedModel, state: Prefilled, new_tokens: int) -> tu
     return time.perf_counter() - start, cache_nbytes(cache)
 
 
+@torch.inference_mode()
+def time_decode_lockstep(
+    models: Sequence[PreTrainedModel], states: Sequence[Prefilled], new_tokens: int
+) -> list[tuple[float, int]]:
+    """Decode `new_tokens` greedy tokens with every model in lockstep: step `t` of each model (in an order that
+    rotates every step) is timed on its own, so all models see the same machine load to within one step.
+
+    Returns:
+        per model, (seconds summed over its steps, KV-cache bytes at the end).
+    """
+    device = states[0].token.device
+    tokens = [s.token for s in states]
+    seconds = [0.0] * len(models)
+    for step in range(new_tokens):
+        shift = step % len(models)
+        for i in list(range(shift, len(models))) + list(range(shift)):
+            state = states[i]
+            _sync(device)
+            start = time.perf_counter()
+            out = models[i](
+                input_ids=tokens[i],
+                attention_mask=state.mask[:, : state.context + step + 1],
+                past_key_values=state.cache,
+                use_cache=True,
+            )
+            tokens[i] = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            seconds[i] += time.perf_counter() - start
+    return [(seconds[i], cache_nbytes(states[i].cache)) for i in range(len(models))]
+
+
 def _clone(state: Prefilled) -> Prefilled:
     return Prefilled(copy.deepcopy(state.cache), state.token, state.mask, state.context)
 
@@ -247,12 +279,14 @@ def measure(
     seed: int = 0,
     progress: tqdm | None = None,
     prefill_repeats: int | None = None,
+    lockstep: bool = False,
 ) -> list[BenchRow]:
-    """Time every variant at one grid point, interleaved in a rotating order; `warmup` runs are not recorded.
+    """Time every variant at one grid point, interleaved in a rotating order; `warmup` rounds are not recorded.
 
-    Each of the `warmup + repeats` rounds decodes from a fresh prefill. With `prefill_repeats` < `repeats`, the
-    later rounds decode from a copy of the last prefilled cache instead of prefilling again (prefill is the slow
-    part on CPU); only the first `prefill_repeats` timed prefills are recorded.
+    Each of the `warmup + repeats` rounds prefills every variant, then decodes `new_tokens` tokens with each: one
+    variant after the other, or with `lockstep` all of them step by step (see `time_decode_lockstep`). With
+    `prefill_repeats` < `repeats`, the later rounds decode from a copy of the last prefilled cache instead of
+    prefilling again (prefill is the slow part on CPU); only the first `prefill_repeats` timed prefills are kept.
     """
     prefill_repeats = repeats if prefill_repeats is None else max(1, min(prefill_repeats, repeats))
     vocab = variants[0].model.config.get_text_config(decoder=True).vocab_size
@@ -266,23 +300,35 @@ def measure(
     pristine: dict[int, Prefilled] = {}  # prefilled states kept for the rounds that do not prefill again
     for rep in range(warmup + repeats):
         shift = rep % len(variants)
-        for i in list(range(shift, len(variants))) + list(range(shift)):
-            model = variants[i].model
+        order = list(range(shift, len(variants))) + list(range(shift))
+        states: dict[int, Prefilled] = {}
+        for i in order:
             if rep < warmup + prefill_repeats:
-                prefill_s, state = time_prefill(model, input_ids, new_tokens)
+                prefill_s, states[i] = time_prefill(variants[i].model, input_ids, new_tokens)
                 if rep >= warmup:
                     rows[i].prefill_s.append(prefill_s)
                 if prefill_repeats < repeats:
-                    pristine[i], state = state, _clone(state)
+                    pristine[i], states[i] = states[i], _clone(states[i])
             else:
-                state = _clone(pristine[i])
-            decode_s, kv_bytes = time_decode(model, state, new_tokens)
-            if rep >= warmup:
-                rows[i].decode_s.append(decode_s)
-                rows[i].kv_bytes = kv_bytes
-            if progress is not None:
-                progress.update(1)
+                states[i] = _clone(pristine[i])
+            if not lockstep:  # decode right away, then free the cache
+                decode_s, kv_bytes = time_decode(variants[i].model, states.pop(i), new_tokens)
+                _record(rows[i], rep >= warmup, decode_s, kv_bytes, progress)
+        if lockstep:
+            results = time_decode_lockstep(
+                [variants[i].model for i in order], [states[i] for i in order], new_tokens
+            )
+            for i, (decode_s, kv_bytes) in zip(order, results):
+                _record(rows[i], rep >= warmup, decode_s, kv_bytes, progress)
     return rows
+
+
+def _record(row: BenchRow, keep: bool, decode_s: float, kv_bytes: int, progress: tqdm | None) -> None:
+    if keep:
+        row.decode_s.append(decode_s)
+        row.kv_bytes = kv_bytes
+    if progress is not None:
+        progress.update(1)
 
 
 # -- the report -------------------------------------------------------------------------------------------------
@@ -459,7 +505,8 @@ class BenchReport:
             f"{machine.get('cpu_cores')} cores, {machine.get('torch_threads')} torch threads)",
             f"- dtype: {self.settings.get('dtype')}; model: {self.settings.get('model')}",
             f"- settings: new_tokens={self.settings.get('new_tokens')}, warmup={self.settings.get('warmup')}, "
-            f"repeats={self.settings.get('repeats')} (medians), interleaved={self.settings.get('interleave')}",
+            f"repeats={self.settings.get('repeats')} (medians), prefill_repeats={self.settings.get('prefill_repeats')}, "
+            f"interleaved={self.settings.get('interleave')}, lockstep decode={self.settings.get('lockstep')}",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()),
         ]
         if self.settings.get("command"):
@@ -468,7 +515,8 @@ class BenchReport:
         lines += [
             "",
             "`patched / native` is the ratio of the median decode tokens/sec; `paired` is the median over rounds "
-            "of the ratio within a round (the two run back to back, so load changes between rounds cancel).",
+            "of the ratio within a round (the two run back to back, or step by step with lockstep decode, so load "
+            "changes between rounds cancel).",
         ]
         lines += ["", "## Every variant", "", self._rows_table(True)]
         if self.checks:
@@ -509,6 +557,7 @@ def bench(
     merge: str = "mean",
     native: bool = True,
     interleave: bool = True,
+    lockstep: bool | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     gguf_file: str | None = None,
@@ -530,6 +579,9 @@ def bench(
         native: also time a natively-GQA transformers model of each converted shape (same weights).
         interleave: keep every variant in memory and alternate between them (fairest on a noisy machine);
             False measures one converted variant at a time (for models too large to hold several copies).
+        lockstep: decode all variants step by step, alternating every step, timing each step on its own (a
+            busy CPU's load changes then hit every variant alike). None (default): on CPU, not on CUDA, where
+            synchronising after every step would hide the overlap of kernel launches with execution.
         dtype, device, gguf_file: for loading from a path (a given model is used as it is).
     """
     if isinstance(model_or_path, str):
@@ -559,10 +611,14 @@ def bench(
         "merge": merge,
         "native": native,
         "interleave": interleave,
+        "lockstep": lockstep,
         "dtype": str(model_dtype(model)).replace("torch.", ""),
         "seed": seed,
         "original_kv_heads": kv_layout(model).kv_heads,
     }
+    if lockstep is None:
+        lockstep = model_device(model).type == "cpu"
+        settings["lockstep"] = lockstep
     batches = [groups] if interleave else [[g] for g in groups]
     rows: list[BenchRow] = []
     checks: dict[str, float] = {}
@@ -575,7 +631,9 @@ def bench(
             bar.total += len(variants) * (warmup + repeats) * len(grid)
             bar.refresh()
             for b, c in grid:
-                rows.extend(measure(variants, b, c, new_tokens, warmup, repeats, seed, bar, prefill_repeats))
+                rows.extend(
+                    measure(variants, b, c, new_tokens, warmup, repeats, seed, bar, prefill_repeats, lockstep)
+                )
             del variants
     rows.sort(key=lambda r: (r.batch, r.context))
     return BenchReport(rows, settings, environment(model_device(model)), checks)

@@ -200,7 +200,14 @@ def _measure_speed(
     if original is not None:
         variants.append(Variant("original", "original", None, original))
     rows = measure(
-        variants, settings.batch, context, settings.new_tokens, settings.warmup, settings.repeats, seed
+        variants,
+        settings.batch,
+        context,
+        settings.new_tokens,
+        settings.warmup,
+        settings.repeats,
+        seed,
+        lockstep=model_device(model).type == "cpu",
     )
     out = {
         "prefill_tokens_per_s": rows[0].prefill_tokens_per_s,
