@@ -72,7 +72,9 @@ def convert_option(add_arguments: Callable[[argparse.ArgumentParser], None]):
 
 # -- argument types ------------------------------------------------------------------------------------------------
 def _groups_type(text: str):
-    """`--groups` of `convert`: one KV head count, or one per layer separated by commas."""
+    """`--groups` of `convert`: one KV head count, one per layer separated by commas, or `auto`."""
+    if text == "auto":
+        return text
     items = [item.strip() for item in text.split(",")]
     if not all(item.isdigit() and int(item) > 0 for item in items):
         raise argparse.ArgumentTypeError(
@@ -187,7 +189,10 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         help="KV heads after conversion: one number for every layer (4), or one per layer (4,4,2,2)",
     )
     p.add_argument(
-        "--merge", default="mean", help="how a group's K/V heads become one: mean (default), first, ..."
+        "--merge",
+        default=None,
+        help="how a group's K/V heads become one: mean, first, pca, score, procrustes, refine "
+        "(default: refine with --calibration, mean without)",
     )
     p.add_argument(
         "--grouping", default="consecutive", help="which KV heads share a group (default: consecutive)"
@@ -205,8 +210,9 @@ def run_convert(args: argparse.Namespace) -> int:
     from .merging import MERGE_METHODS
     from .patch import patch
 
-    if isinstance(args.merge, str) and args.merge not in MERGE_METHODS:
-        raise CLIError(f"unknown merge {args.merge!r}; available: {', '.join(sorted(MERGE_METHODS))}")
+    if isinstance(args.merge, str) and args.merge not in {*MERGE_METHODS, "refine"}:
+        available = ", ".join(sorted({*MERGE_METHODS, "refine"}))
+        raise CLIError(f"unknown merge {args.merge!r}; available: {available}")
     model, tokenizer = load_model_from_args(args)
     extra: dict = {}
     for _, patch_kwargs in CONVERT_OPTIONS:
@@ -224,6 +230,58 @@ def run_convert(args: argparse.Namespace) -> int:
     )
     print(f"saved to {out} (load with {how})")
     return 0
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help="calibration text for the data-aware merges: a .txt file, a folder of .txt files, or 'builtin' "
+        "(the shipped Austen text)",
+    )
+    parser.add_argument(
+        "--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)"
+    )
+    parser.add_argument("--refine-steps", type=int, default=None, help="refine steps per layer (default 200)")
+    parser.add_argument(
+        "--kv-budget", type=float, default=None, help="with --groups auto: KV bytes to keep (0-1]"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="calibration and refinement seed")
+
+
+def _calibration_text(source: str) -> str:
+    from .data import calibration_text
+
+    if source == "builtin":
+        return calibration_text()
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise CLIError(f"no .txt files in calibration folder {source}")
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    if not path.is_file():
+        raise CLIError(f"no such calibration file: {source}")
+    return path.read_text(encoding="utf-8")
+
+
+@convert_option(add_calibration_arguments)
+def calibration_patch_kwargs(args: argparse.Namespace, model, tokenizer) -> dict:
+    """`--calibration` and friends as `hf_gqa.patch` keyword arguments."""
+    if args.groups == "auto" and (args.kv_budget is None or args.calibration is None):
+        raise CLIError("--groups auto needs --kv-budget and --calibration")
+    if args.calibration is None:
+        return {}
+    kwargs = {
+        "calibration": _calibration_text(args.calibration),
+        "tokenizer": tokenizer,
+        "calibration_tokens": args.calibration_tokens,
+        "refine_steps": args.refine_steps,
+        "seed": args.seed,
+    }
+    if args.kv_budget is not None:
+        kwargs["kv_budget"] = args.kv_budget
+    return kwargs
 
 
 # -- eval ------------------------------------------------------------------------------------------------------------

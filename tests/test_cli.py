@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_gqa
+import hf_gqa.data
 from hf_gqa.cli import main
 from tests.tokenizer_fixture import load_tokenizer, tiny_llama
 
@@ -82,6 +83,51 @@ def test_convert_per_layer_groups(model_dir, tmp_path):
     )
     loaded = hf_gqa.from_pretrained(out)
     assert [layer.kv_heads_after for layer in hf_gqa.describe(loaded).layers] == [2, 1]
+
+
+def test_convert_with_calibration_text(model_dir, tmp_path):
+    """`--calibration` runs the data-aware default (score + refine) and matches hf_gqa.patch with the same text."""
+    text = tmp_path / "corpus.txt"
+    text.write_text(hf_gqa.data.calibration_text()[:20000])
+    out = tmp_path / "calibrated"
+    argv = ["convert", "--model", str(model_dir), "--groups", "1", "--calibration", str(text)]
+    argv += ["--calibration-tokens", "1024", "--refine-steps", "5", "--out", str(out)]
+    assert main(argv) == 0
+    loaded = hf_gqa.from_pretrained(out)
+    assert loaded.config.hf_gqa["merge"] == "score+refine"
+    tok = load_tokenizer()
+    expected = hf_gqa.patch(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        groups=1,
+        calibration=text.read_text(),
+        tokenizer=tok,
+        calibration_tokens=1024,
+        refine_steps=5,
+        show_progress=False,
+    )
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_convert_calibration_errors(model_dir, tmp_path, capsys):
+    err = _fail(
+        [
+            "convert",
+            "--model",
+            str(model_dir),
+            "--groups",
+            "1",
+            "--calibration",
+            "nope.txt",
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
+    )
+    assert "no such calibration file" in err
+    err = _fail(["convert", "--model", str(model_dir), "--groups", "auto", "--out", str(tmp_path)], capsys)
+    assert "--kv-budget" in err
 
 
 def test_eval_writes_a_report(model_dir, tmp_path, capsys):
