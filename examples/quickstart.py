@@ -31,12 +31,16 @@ def perplexity(model, tokenizer, text: str) -> float:
 def greedy(model, tokenizer, prompt: str, new_tokens: int) -> str:
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
     return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--groups", type=int, default=1, help="KV heads per layer after conversion (1 or 3)")
     parser.add_argument("--merge", default=None, help="merge method (default: the best one with calibration)")
     parser.add_argument("--no-calibration", action="store_true", help="convert without data (mean pooling)")
@@ -56,7 +60,9 @@ def main() -> None:
     kwargs: dict = {"merge": args.merge, "refine_steps": args.refine_steps}
     if not args.no_calibration:
         kwargs.update(
-            calibration=data.calibration_text(), tokenizer=tokenizer, calibration_tokens=args.calibration_tokens
+            calibration=data.calibration_text(),
+            tokenizer=tokenizer,
+            calibration_tokens=args.calibration_tokens,
         )
     start = time.perf_counter()
     hf_gqa.patch(model, groups=args.groups, **kwargs)

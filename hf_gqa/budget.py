@@ -18,7 +18,9 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def block_error(original: torch.nn.Module, converted: torch.nn.Module, inputs: list[tuple[tuple, dict]]) -> float:
+def block_error(
+    original: torch.nn.Module, converted: torch.nn.Module, inputs: list[tuple[tuple, dict]]
+) -> float:
     """Relative squared error of `converted`'s output against `original`'s on captured inputs."""
     num = den = 0.0
     with torch.no_grad():

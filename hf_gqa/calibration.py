@@ -109,42 +109,6 @@ def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _parent_name(name: str) -> str:
-    return name.rpartition(".")[0]
-
-
-class _StopForward(Exception):
-    pass
-
-
-def capture_layer_inputs(
-    model: nn.Module, layer: nn.Module, blocks: torch.Tensor, batch_size: int
-) -> list[tuple[tuple, dict]]:
-    """Run the model on `blocks` up to `layer` and return the `(args, kwargs)` of each call of `layer`."""
-    captured: list[tuple[tuple, dict]] = []
-
-    def hook(module, args, kwargs):
-        kwargs = {
-            k: v for k, v in kwargs.items() if k not in ("past_key_values", "layer_past", "cache_position_")
-        }
-        kwargs["use_cache"] = False
-        captured.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs))
-        raise _StopForward
-
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for start in range(0, blocks.shape[0], batch_size):
-                try:
-                    model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    return captured
-
-
 def run_layer(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     """Run a decoder layer on captured inputs and return its output hidden states."""
     with torch.no_grad():
