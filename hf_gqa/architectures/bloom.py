@@ -24,10 +24,10 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.bloom.modeling_bloom import BloomAttention, dropout_add
 
 from ..attention import gqa_sdpa_attention_forward
-from ..canonical import AttentionWeights, join_out_heads, split_out_heads
+from ..canonical import AttentionWeights, join_out_heads
 from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter, new_linear, shallow_clone
-from .falcon import join_grouped_qkv, split_grouped_qkv, split_grouped_states
+from .falcon import join_grouped_qkv, read_grouped_fused, split_grouped_states
 from .gptj import SUPPORTED_IMPLEMENTATIONS, additive_mask
 
 
@@ -182,20 +182,7 @@ class BloomAdapter(AttentionAdapter):
         return module.head_dim
 
     def read(self, module: nn.Module) -> AttentionWeights:
-        heads, kv_heads = self.num_heads(module), self.num_kv_heads(module)
-        qkv = module.query_key_value
-        q, k, v, q_bias, k_bias, v_bias = split_grouped_qkv(qkv.weight, qkv.bias, heads, kv_heads)
-        return AttentionWeights(
-            q=q,
-            k=k,
-            v=v,
-            o=split_out_heads(module.dense.weight, heads),
-            q_bias=q_bias,
-            k_bias=k_bias,
-            v_bias=v_bias,
-            o_bias=module.dense.bias,
-            rotary=None,
-        )
+        return read_grouped_fused(module, self.num_heads(module), self.num_kv_heads(module), rotary=None)
 
     def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
         weight, bias = join_grouped_qkv(weights)

@@ -45,6 +45,25 @@ from .gptj import SUPPORTED_IMPLEMENTATIONS, additive_mask, uses_sdpa
 # -- the grouped fused layout, shared with Bloom ----------------------------------------------------------------
 
 
+def read_grouped_fused(
+    module: nn.Module, heads: int, kv_heads: int, rotary: RotarySpec | None
+) -> AttentionWeights:
+    """Canonical weights of a module with a grouped fused `query_key_value` and a `dense` output (Falcon, Bloom)."""
+    qkv = module.query_key_value
+    q, k, v, q_bias, k_bias, v_bias = split_grouped_qkv(qkv.weight, qkv.bias, heads, kv_heads)
+    return AttentionWeights(
+        q=q,
+        k=k,
+        v=v,
+        o=split_out_heads(module.dense.weight, heads),
+        q_bias=q_bias,
+        k_bias=k_bias,
+        v_bias=v_bias,
+        o_bias=module.dense.bias,
+        rotary=rotary,
+    )
+
+
 def split_grouped_qkv(
     weight: torch.Tensor, bias: torch.Tensor | None, heads: int, kv_heads: int
 ) -> tuple[torch.Tensor, ...]:
@@ -270,20 +289,8 @@ class FalconAdapter(AttentionAdapter):
         return module.head_dim
 
     def read(self, module: nn.Module) -> AttentionWeights:
-        heads, kv_heads = self.num_heads(module), self.num_kv_heads(module)
-        qkv = module.query_key_value
-        q, k, v, q_bias, k_bias, v_bias = split_grouped_qkv(qkv.weight, qkv.bias, heads, kv_heads)
-        return AttentionWeights(
-            q=q,
-            k=k,
-            v=v,
-            o=split_out_heads(module.dense.weight, heads),
-            q_bias=q_bias,
-            k_bias=k_bias,
-            v_bias=v_bias,
-            o_bias=module.dense.bias,
-            rotary=None if module.config.alibi else RotarySpec(module.head_dim, interleaved=False),
-        )
+        rotary = None if module.config.alibi else RotarySpec(module.head_dim, interleaved=False)
+        return read_grouped_fused(module, self.num_heads(module), self.num_kv_heads(module), rotary)
 
     def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
         weight, bias = join_grouped_qkv(weights)
