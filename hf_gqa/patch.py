@@ -61,6 +61,7 @@ def patch(
     refine_steps: int | None = None,
     refine_lr: float = 3e-4,
     refine_target: str = "residual",
+    refine_scope: str = "attention",
     seed: int = 0,
     kv_budget: float | None = None,
     stats: dict[str, object] | None = None,
@@ -92,6 +93,9 @@ def patch(
             attention output plus the residual-stream drift left by earlier converted layers), `"original"`
             (the original model's attention output on its own inputs) or `"local"` (the original block on the
             same inputs). See `hf_gqa.convert.REFINE_TARGETS`.
+        refine_scope: `"attention"` refines the converted attention block alone; `"layer"` refines a copy of
+            each decoder layer around it (attention, MLP and norms) against the original layer's output, so the
+            MLP weights change too. See `hf_gqa.convert.REFINE_SCOPES`.
         seed: makes calibration sampling and refinement deterministic.
         kv_budget: with `groups="auto"`, the fraction of the original KV-cache bytes to keep; the heads per layer
             minimise the summed output error of the converted attention blocks (see `hf_gqa.budget`).
@@ -160,6 +164,7 @@ def patch(
             refine_lr,
             show_progress,
             refine_target,
+            refine_scope,
         )
     else:
         replacements, logs = [], []

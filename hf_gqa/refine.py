@@ -20,15 +20,21 @@ def _call(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return _output(module(*args, **kwargs))
 
 
-def _rows(obj, index: int, batch: int):
+def _rows(obj, index: int, batch: int, key: str | None = None):
     """`obj` (a tensor, or tuples/lists/dicts of them) restricted to batch row `index` where its first dim is
-    the batch; everything else is passed through."""
+    the batch; everything else is passed through. ALiBi biases (`alibi`, `[batch * heads, ...]`, batch-major in
+    Bloom and Falcon) are restricted to that row's heads."""
     if isinstance(obj, torch.Tensor):
-        return obj[index : index + 1] if obj.dim() and obj.shape[0] == batch and batch > 1 else obj
+        if batch <= 1 or not obj.dim():
+            return obj
+        if key == "alibi" and obj.shape[0] % batch == 0:
+            per_row = obj.shape[0] // batch
+            return obj[index * per_row : (index + 1) * per_row]
+        return obj[index : index + 1] if obj.shape[0] == batch else obj
     if isinstance(obj, (tuple, list)):
         return type(obj)(_rows(o, index, batch) for o in obj)
     if isinstance(obj, dict):
-        return {k: _rows(v, index, batch) for k, v in obj.items()}
+        return {k: _rows(v, index, batch, k) for k, v in obj.items()}
     return obj
 
 
@@ -51,7 +57,9 @@ def refine_module(
             inputs (a purely local fit). Calibrated conversion passes drift-corrected targets instead.
 
     Returns:
-        `{"before": relative error before, "after": relative error after}` on all captured inputs.
+        `{"before": relative error before, "after": relative error after, "reverted": bool}` on all captured
+        inputs. A fit that ends worse than it started is undone (`reverted`), so refine never makes a block worse
+        on the calibration data.
     """
     shared = {id(p) for p in original.parameters()}
     params = [p for p in converted.parameters() if id(p) not in shared]
@@ -79,6 +87,7 @@ def refine_module(
             p.requires_grad_(grad)
         converted.train(was_training)
         return {"before": before, "after": before}
+    initial = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     g = torch.Generator().manual_seed(seed)
@@ -96,8 +105,14 @@ def refine_module(
         opt.step()
         sched.step()
     after = error()
+    reverted = after >= before  # never leave a block worse on the calibration data than its closed form
+    if reverted:
+        with torch.no_grad():
+            for p, value in zip(params, initial):
+                p.copy_(value)
+        after = before
     for p, grad in zip(params, grads):
         p.requires_grad_(grad)
         p.grad = None
     converted.train(was_training)
-    return {"before": before, "after": after}
+    return {"before": before, "after": after, "reverted": reverted}

@@ -215,6 +215,38 @@ def test_refine_reduces_block_error():
     assert all(entry["after"] < entry["before"] for entry in log)
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_layer_refine_is_exact_at_equal_heads_fits_and_round_trips(case, ids, tmp_path):
+    """refine_scope="layer": exact at groups == heads, every decoder layer's error falls, the refined layers
+    (MLP included) save and load back exactly."""
+    original = case.make()
+    expected = logits(original, ids)
+    merge = "mean" if blocks_folding(original) else "score"
+    kw = dict(calibration=calibration_ids(), merge=merge, refine_steps=20, refine_lr=1e-3, refine_scope="layer")
+    same = hf_gqa.patch(copy.deepcopy(original), groups=case.kv_heads, **kw, **CALIB)
+    torch.testing.assert_close(logits(same, ids), expected, atol=1e-4, rtol=0)
+    if min(case.groups) == case.kv_heads:
+        return  # nothing to reduce (multi-query already)
+    model = hf_gqa.patch(copy.deepcopy(original), groups=min(case.groups), **kw, **CALIB)
+    log = model._hf_gqa_conversion_log
+    assert all(entry["after"] <= entry["before"] for entry in log), log
+    assert any(entry["after"] < entry["before"] for entry in log), log
+    mlp_changed = any(
+        not torch.equal(p, original.state_dict()[name])
+        for name, p in model.state_dict().items()
+        if "mlp" in name and name in original.state_dict()
+    )
+    assert mlp_changed or "mlp" not in str(list(original.state_dict()))
+    model.save_pretrained(tmp_path)
+    loaded = hf_gqa.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=0)
+
+    kw["refine_scope"] = "attention"  # the attention-only fit on the same family (ALiBi rows, fused layouts)
+    attention_only = hf_gqa.patch(copy.deepcopy(original), groups=min(case.groups), **kw, **CALIB)
+    log = attention_only._hf_gqa_conversion_log
+    assert all(e["after"] <= e["before"] for e in log) and any(e["after"] < e["before"] for e in log), log
+
+
 def test_calibrated_merge_without_data_raises_and_leaves_model():
     model = _tiny_llama()
     state = {k: v.clone() for k, v in model.state_dict().items()}
