@@ -437,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     out_path = args.out_dir / f"{NAME}.json"
     previous = json.loads(out_path.read_text()) if args.append and out_path.exists() else None
-    if previous and (previous["block_size"], previous["eval_windows"]) != (args.block_size, args.eval_windows):
+    if previous and (previous["block_size"], previous["eval_windows"]) != (
+        args.block_size,
+        args.eval_windows,
+    ):
         raise SystemExit("--append: the results in --out-dir used other --block-size / --eval-windows")
     results: dict[str, Any] = {
         "commands": (previous or {}).get("commands", []) + [command.strip()],

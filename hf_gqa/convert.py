@@ -179,7 +179,16 @@ def convert_calibrated(
             parent = model.get_submodule(parent_name)
             if refine_steps > 0 and refine_scope == "layer":
                 new_layer, fit = _refine_layer(
-                    layer, parent, attr, new, layer_calls, calls[i], original_hidden, refine_steps, refine_lr, i
+                    layer,
+                    parent,
+                    attr,
+                    new,
+                    layer_calls,
+                    calls[i],
+                    original_hidden,
+                    refine_steps,
+                    refine_lr,
+                    i,
                 )
                 log.update(fit)
                 layers_parent_name, _, layer_attr = plan.name.rpartition(".")[0].rpartition(".")
@@ -192,7 +201,13 @@ def convert_calibrated(
                             plan.module, layer, calls[i], original_hidden, hidden, refine_target
                         )
                     fit = refine_module(
-                        plan.module, new, stats.inputs, steps=refine_steps, lr=refine_lr, seed=i, targets=targets
+                        plan.module,
+                        new,
+                        stats.inputs,
+                        steps=refine_steps,
+                        lr=refine_lr,
+                        seed=i,
+                        targets=targets,
                     )
                     log.update(fit)
                 replacement = (parent, attr, plan.module, new)

@@ -222,7 +222,9 @@ def test_layer_refine_is_exact_at_equal_heads_fits_and_round_trips(case, ids, tm
     original = case.make()
     expected = logits(original, ids)
     merge = "mean" if blocks_folding(original) else "score"
-    kw = dict(calibration=calibration_ids(), merge=merge, refine_steps=20, refine_lr=1e-3, refine_scope="layer")
+    kw = dict(
+        calibration=calibration_ids(), merge=merge, refine_steps=20, refine_lr=1e-3, refine_scope="layer"
+    )
     same = hf_gqa.patch(copy.deepcopy(original), groups=case.kv_heads, **kw, **CALIB)
     torch.testing.assert_close(logits(same, ids), expected, atol=1e-4, rtol=0)
     if min(case.groups) == case.kv_heads:
