@@ -34,6 +34,13 @@ VARIANTS: dict[str, dict] = {
     "original": {},
     "mean": {"merge": "mean"},
     "refine (default)": {"merge": "refine", "calibrated": True},
+    "refine (attention only, 200 steps, lr 3e-4)": {
+        "merge": "refine",
+        "calibrated": True,
+        "refine_scope": "attention",
+        "refine_steps": 200,
+        "refine_lr": 3e-4,
+    },
     "score": {"merge": "score", "calibrated": True},
     "procrustes": {"merge": "procrustes", "calibrated": True},
     "pca": {"merge": "pca", "calibrated": True},

@@ -338,9 +338,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}",
         f"- Machine: {', '.join(f'{k}: {v}' for k, v in results['machine'].items())}",
         "",
-        "| init | method | teacher | lr | budget (min) | steps | train tokens | train time (s) | train tok/s "
-        "| peak RSS (MiB) | ppl start | ppl end | end / original |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| init | method | teacher | lr | batch x block | threads | budget (min) | steps | train tokens "
+        "| train time (s) | train tok/s | peak RSS (MiB) | ppl start | ppl end | end / original |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         if run["method"] == "none":
@@ -353,6 +353,7 @@ def markdown(results: dict[str, Any]) -> str:
         tps = f"{run['train_tokens_per_second']:.0f}" if run.get("train_tokens_per_second") else "-"
         lines.append(
             f"| {run['init']['label']} | {run['method']} | {'yes' if run['teacher'] else 'no'} | {run['lr']:g} "
+            f"| {run['batch_size'] * run['grad_accum']} x {run['block_size']} | {run.get('threads') or '-'} "
             f"| {run.get('minutes') or '-'} | {run['steps']} "
             f"| {run['train_tokens']} | {run['train_seconds']:.0f} | {tps} | {run['peak_rss_mib']:.0f} "
             f"| {start:.1f} | {end:.1f} | {ratio} |"

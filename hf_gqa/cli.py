@@ -242,7 +242,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)"
     )
-    parser.add_argument("--refine-steps", type=int, default=None, help="refine steps per layer (default 200)")
+    parser.add_argument("--refine-steps", type=int, default=None, help="refine steps per layer (default 100)")
     parser.add_argument(
         "--refine-scope",
         choices=["attention", "layer"],

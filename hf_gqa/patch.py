@@ -30,7 +30,7 @@ logger = logging.getLogger("hf_gqa")
 META_KEY = "hf_gqa"
 #: What `patch` uses when given calibration data and no `merge` (the best method measured; see README).
 DEFAULT_CALIBRATED_MERGE = "refine"
-DEFAULT_REFINE_STEPS = 200
+DEFAULT_REFINE_STEPS = 100
 FORMAT_VERSION = 1
 
 
@@ -61,7 +61,7 @@ def patch(
     refine_steps: int | None = None,
     refine_lr: float = 3e-4,
     refine_target: str = "residual",
-    refine_scope: str = "attention",
+    refine_scope: str = "layer",
     seed: int = 0,
     kv_budget: float | None = None,
     stats: dict[str, object] | None = None,
@@ -88,14 +88,15 @@ def patch(
             run how many blocks at a time.
         sequential: calibrate each layer on the outputs of the already-converted layers before it.
         refine_steps: optimiser steps per layer fitting the converted block to the original's output on the
-            calibration inputs (`merge="refine"` defaults to 200 on top of `"score"`); `refine_lr` its rate.
+            calibration inputs (`merge="refine"` defaults to 100 on top of `"score"`); `refine_lr` its rate.
         refine_target: what refinement fits, with sequential calibration: `"residual"` (the original model's
             attention output plus the residual-stream drift left by earlier converted layers), `"original"`
             (the original model's attention output on its own inputs) or `"local"` (the original block on the
             same inputs). See `hf_gqa.convert.REFINE_TARGETS`.
-        refine_scope: `"attention"` refines the converted attention block alone; `"layer"` refines a copy of
-            each decoder layer around it (attention, MLP and norms) against the original layer's output, so the
-            MLP weights change too. See `hf_gqa.convert.REFINE_SCOPES`.
+        refine_scope: `"layer"` (default) refines a copy of each decoder layer around the converted attention
+            (attention, MLP and norms) against the original layer's output, so the MLP weights change too and
+            help carry what fewer KV heads cannot; `"attention"` refines the converted attention block alone
+            and leaves every other weight as it was. See `hf_gqa.convert.REFINE_SCOPES`.
         seed: makes calibration sampling and refinement deterministic.
         kv_budget: with `groups="auto"`, the fraction of the original KV-cache bytes to keep; the heads per layer
             minimise the summed output error of the converted attention blocks (see `hf_gqa.budget`).

@@ -85,13 +85,16 @@ def test_convert_per_layer_groups(model_dir, tmp_path):
     assert [layer.kv_heads_after for layer in hf_gqa.describe(loaded).layers] == [2, 1]
 
 
-def test_convert_with_calibration_text(model_dir, tmp_path):
-    """`--calibration` runs the data-aware default (score + refine) and matches hf_gqa.patch with the same text."""
+@pytest.mark.parametrize("scope", [None, "attention"])
+def test_convert_with_calibration_text(model_dir, tmp_path, scope):
+    """`--calibration` runs the data-aware default (score + refine) and matches hf_gqa.patch with the same text;
+    `--refine-scope attention` leaves every weight outside attention as it was."""
     text = tmp_path / "corpus.txt"
     text.write_text(hf_gqa.data.calibration_text()[:20000])
     out = tmp_path / "calibrated"
     argv = ["convert", "--model", str(model_dir), "--groups", "1", "--calibration", str(text)]
     argv += ["--calibration-tokens", "1024", "--refine-steps", "5", "--out", str(out)]
+    argv += ["--refine-scope", scope] if scope else []
     assert main(argv) == 0
     loaded = hf_gqa.from_pretrained(out)
     assert loaded.config.hf_gqa["merge"] == "score+refine"
@@ -104,10 +107,14 @@ def test_convert_with_calibration_text(model_dir, tmp_path):
         calibration_tokens=1024,
         refine_steps=5,
         show_progress=False,
+        refine_scope=scope or "layer",
     )
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, atol=1e-5, rtol=0)
+    original = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    mlp = {k: v for k, v in loaded.state_dict().items() if ".mlp." in k}
+    assert mlp and all(torch.equal(v, original[k]) for k, v in mlp.items()) == (scope == "attention")
 
 
 def test_convert_calibration_errors(model_dir, tmp_path, capsys):
