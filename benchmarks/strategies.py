@@ -93,6 +93,7 @@ def run_variant(name: str, args) -> dict:
             spec.update(calibration_tokens=args.calibration_tokens)
         hf_gqa.patch(model, groups=groups, **spec)
     result["convert_s"] = time.perf_counter() - start
+    result["threads"] = args.threads
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["loaded_rss_mib"] = loaded_mib
     result["kv_heads"] = [layer.kv_heads_after for layer in hf_gqa.describe(model).layers]
@@ -125,7 +126,8 @@ def markdown(results: list[dict], env: dict, command: str, args) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {env['machine']['cpu']}, {env['machine']['cpu_cores']} cores, {args.threads} torch threads; "
+        f"Machine: {env['machine']['cpu']}, {env['machine']['cpu_cores']} cores (shared with other jobs; torch threads "
+        "per row); "
         f"{env['date']}. Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
         "",
         "Calibration: Austen, *Pride and Prejudice* (`hf_gqa/data/text/austen_calibration.txt`), "
@@ -138,8 +140,8 @@ def markdown(results: list[dict], env: dict, command: str, args) -> str:
         "per-layer budgets choose 1 or 3 heads per layer.",
         "",
         "| variant | KV bytes | perplexity | x original | hellaswag acc_norm | arc_easy acc | winogrande acc "
-        "| convert s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| convert s | threads | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ev = r.get("lm_eval", {})
@@ -152,7 +154,7 @@ def markdown(results: list[dict], env: dict, command: str, args) -> str:
             f"| {r['variant']} | {r['kv_bytes_fraction']:.0%} | {r['perplexity']:,.2f} "
             f"| {r['perplexity'] / base['perplexity']:,.2f} | {acc('hf_gqa_hellaswag', 'acc_norm')} "
             f"| {acc('hf_gqa_arc_easy', 'acc')} | {acc('hf_gqa_winogrande', 'acc')} "
-            f"| {r['convert_s']:.0f} | {r['peak_rss_mib']:,.0f} |"
+            f"| {r['convert_s']:.0f} | {r.get('threads', 2)} | {r['peak_rss_mib']:,.0f} |"
         )
     return "\n".join(lines) + "\n"
 

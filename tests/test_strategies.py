@@ -41,7 +41,16 @@ def blocks_folding(model) -> bool:
     return norms or getattr(model.config, "clip_qkv", None) is not None
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+#: one family per weight layout in the fast suite; every family under `-m slow` (about 5 minutes)
+LAYOUT_REPRESENTATIVES = {"llama-gqa", "qwen3-gqa", "phi3-gqa-partial-rotary", "gpt2", "opt", "gpt_neox", "gptj"}
+LAYOUT_REPRESENTATIVES |= {"falcon-old-alibi", "falcon-new-gqa", "bloom", "olmo-mha"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c if c.name in LAYOUT_REPRESENTATIVES else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+    ids=IDS,
+)
 def test_every_method_is_exact_when_groups_equal_heads(case, ids):
     """With one KV head per group every grouping and merge (and refine) must reproduce the original."""
     original = case.make()
