@@ -39,15 +39,14 @@ REFINE_TARGETS = ("local", "original", "residual")
 REFINE_SCOPES = ("attention", "layer")
 
 
-def _drift_targets(
+def _original_step(
     attention: nn.Module,
     layer: nn.Module,
     calls: list[tuple[tuple, dict]],
     original_hidden: list[torch.Tensor],
-    hidden: list[torch.Tensor],
-    refine_target: str,
-) -> list[torch.Tensor]:
-    """Targets for the converted attention block from the original model's own trajectory."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One step of the original model's own trajectory: the original `layer` (holding its original `attention`)
+    run once on `original_hidden`. Returns `(attention outputs, layer outputs)`, per captured batch."""
     outputs: list[torch.Tensor] = []
 
     def hook(module, args, kwargs, output):
@@ -55,13 +54,24 @@ def _drift_targets(
 
     handle = attention.register_forward_hook(hook, with_kwargs=True)
     try:
-        for (a, k), h in zip(calls, original_hidden):
-            run_layer(layer, *with_hidden(a, k, h))
+        next_hidden = [run_layer(layer, *with_hidden(a, k, h)) for (a, k), h in zip(calls, original_hidden)]
     finally:
         handle.remove()
+    return outputs, next_hidden
+
+
+def _drift_targets(
+    attention_outputs: list[torch.Tensor],
+    original_hidden: list[torch.Tensor],
+    hidden: list[torch.Tensor],
+    refine_target: str,
+) -> list[torch.Tensor]:
+    """Targets for the converted attention block from the original model's own trajectory."""
     if refine_target == "residual":
-        outputs = [o + (h_orig - h).to(o.dtype) for o, h_orig, h in zip(outputs, original_hidden, hidden)]
-    return outputs
+        return [
+            o + (h_orig - h).to(o.dtype) for o, h_orig, h in zip(attention_outputs, original_hidden, hidden)
+        ]
+    return attention_outputs
 
 
 def _refine_layer(
@@ -70,23 +80,15 @@ def _refine_layer(
     attr: str,
     new: nn.Module,
     layer_calls: list[tuple[tuple, dict]],
-    calls: list[tuple[tuple, dict]],
-    original_hidden: list[torch.Tensor] | None,
+    targets: list[torch.Tensor],
     steps: int,
     lr: float,
     seed: int,
 ) -> tuple[nn.Module, dict[str, float]]:
-    """A copy of decoder `layer` holding the converted attention `new`, refined as a whole.
-
-    Targets: the original layer's output on the original model's hidden states where they are tracked
-    (`original_hidden`), else on the same inputs. `layer` itself is left as it was.
-    """
+    """A copy of decoder `layer` holding the converted attention `new` (in place of `parent.attr`), refined as a
+    whole to `targets` on `layer_calls`. `layer` itself is left as it was."""
     import copy
 
-    if original_hidden is not None:
-        targets = [run_layer(layer, *with_hidden(a, k, h)) for (a, k), h in zip(calls, original_hidden)]
-    else:
-        targets = [run_layer(layer, a, k) for a, k in layer_calls]
     old = getattr(parent, attr)
     setattr(parent, attr, new)
     try:
@@ -172,34 +174,37 @@ def convert_calibrated(
         for i in progress(range(len(plans)), len(plans), "hf_gqa: converting layers", show_progress):
             plan, layer = plans[i], layers[i]
             layer_calls = [with_hidden(a, k, h) for (a, k), h in zip(calls[i], hidden)]
-            stats = collect_attention_stats(plan.module, layer, layer_calls, keep_inputs=refine_steps > 0)
+            refine_attention = refine_steps > 0 and refine_scope == "attention"
+            stats = collect_attention_stats(plan.module, layer, layer_calls, keep_inputs=refine_attention)
             new = convert_layer(plan, stats)
             log = {"layer": i, "tokens": stats.tokens}
             parent_name, _, attr = plan.name.rpartition(".")
             parent = model.get_submodule(parent_name)
+            next_original = None
+            if original_hidden is not None:
+                attention_outputs, next_original = _original_step(
+                    plan.module, layer, calls[i], original_hidden
+                )
             if refine_steps > 0 and refine_scope == "layer":
+                targets = next_original
+                if targets is None:
+                    targets = [run_layer(layer, a, k) for a, k in layer_calls]
                 new_layer, fit = _refine_layer(
-                    layer,
-                    parent,
-                    attr,
-                    new,
-                    layer_calls,
-                    calls[i],
-                    original_hidden,
-                    refine_steps,
-                    refine_lr,
-                    i,
+                    layer, parent, attr, new, layer_calls, targets, refine_steps, refine_lr, i
                 )
                 log.update(fit)
                 layers_parent_name, _, layer_attr = plan.name.rpartition(".")[0].rpartition(".")
-                replacement = (model.get_submodule(layers_parent_name), layer_attr, layer, new_layer)
+                swap_parent, swap_attr, old_module, new_module = (
+                    model.get_submodule(layers_parent_name),
+                    layer_attr,
+                    layer,
+                    new_layer,
+                )
             else:
-                if refine_steps > 0:
+                if refine_attention:
                     targets = None
-                    if original_hidden is not None:
-                        targets = _drift_targets(
-                            plan.module, layer, calls[i], original_hidden, hidden, refine_target
-                        )
+                    if next_original is not None:
+                        targets = _drift_targets(attention_outputs, original_hidden, hidden, refine_target)
                     fit = refine_module(
                         plan.module,
                         new,
@@ -210,16 +215,15 @@ def convert_calibrated(
                         targets=targets,
                     )
                     log.update(fit)
-                replacement = (parent, attr, plan.module, new)
+                swap_parent, swap_attr, old_module, new_module = parent, attr, plan.module, new
             stats.inputs.clear()
-            replacements.append(replacement)
-            if original_hidden is not None:
-                original_hidden = [
-                    run_layer(layer, *with_hidden(a, k, h)) for (a, k), h in zip(calls[i], original_hidden)
-                ]
+            replacements.append((swap_parent, swap_attr, old_module, new_module))
+            if next_original is not None:
+                original_hidden = next_original
             if sequential:
-                setattr(*replacement[:2], replacement[3])
-            runner = replacement[3] if sequential and replacement[2] is layer else layer
+                setattr(swap_parent, swap_attr, new_module)
+            # a swapped decoder layer is a new object; a swapped attention module lives inside `layer`
+            runner = new_module if sequential and old_module is layer else layer
             hidden = [run_layer(runner, a, k) for a, k in layer_calls]
             logs.append(log)
             logger.debug("layer %d: %s", i, log)

@@ -86,7 +86,7 @@ def refine_module(
         for p, grad in zip(params, grads):
             p.requires_grad_(grad)
         converted.train(was_training)
-        return {"before": before, "after": before}
+        return {"before": before, "after": before, "reverted": False}
     initial = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
