@@ -236,8 +236,9 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration",
         default=None,
-        help="calibration text for the data-aware merges: a .txt file, a folder of .txt files, or 'builtin' "
-        "(the shipped Austen text)",
+        help="calibration text for the data-aware merges: a .txt file, a folder of .txt files, or "
+        "text shipped with hf_gqa: 'builtin' (Austen), 'builtin:wikipedia' (10 Wikipedia articles) or "
+        "'builtin:mixed' (both)",
     )
     parser.add_argument(
         "--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)"
@@ -258,8 +259,12 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 def _calibration_text(source: str) -> str:
     from .data import calibration_text
 
-    if source == "builtin":
-        return calibration_text()
+    if source == "builtin" or source.startswith("builtin:"):
+        corpus = source.partition(":")[2] or "austen"
+        try:
+            return calibration_text(corpus)
+        except ValueError as e:
+            raise CLIError(f"--calibration {source}: {e}") from None
     path = Path(source)
     if path.is_dir():
         files = sorted(path.glob("*.txt"))

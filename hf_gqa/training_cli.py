@@ -33,9 +33,12 @@ def _builtin_texts() -> dict[str, Callable[[], list[str]]]:
     from . import data
 
     return {
-        "builtin:austen": lambda: [data.train_text()],
+        "builtin:austen": lambda: [data.train_text("austen")],
+        "builtin:wikipedia-train": lambda: [data.train_text("wikipedia")],
         "builtin:wikipedia": data.heldout_documents,
-        "builtin:calibration": lambda: [data.calibration_text()],
+        "builtin:calibration": lambda: [data.calibration_text("austen")],
+        "builtin:calibration-wikipedia": lambda: [data.calibration_text("wikipedia")],
+        "builtin:calibration-mixed": lambda: [data.calibration_text("mixed")],
     }
 
 
@@ -47,7 +50,9 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         description=(
             "Uptrain a GQA-converted model on text with the transformers Trainer. Works under "
             "`accelerate launch` (data parallel) unchanged. Text arguments take files, folders of *.txt, "
-            "builtin:austen / builtin:wikipedia / builtin:calibration (text shipped with hf_gqa), or a "
+            "text shipped with hf_gqa (builtin:austen and builtin:wikipedia-train for training, builtin:wikipedia "
+            "for the held-out articles, builtin:calibration, builtin:calibration-wikipedia and "
+            "builtin:calibration-mixed for calibration; see hf_gqa/data/SOURCES.md), or a "
             "datasets name loaded with datasets.load_dataset."
         ),
     )

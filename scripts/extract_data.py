@@ -17,6 +17,10 @@ OUT = Path(__file__).resolve().parent.parent / "hf_gqa" / "data"
 
 # Wikipedia articles (0-based, in file order) held out for evaluation; never used for calibration or training.
 WIKI_HELDOUT = range(0, 12)
+# Wikipedia articles for calibration (Animalia (book) ... Agricultural science, ~250k characters) and for
+# uptraining (all the others after them, ~2.3 MB): disjoint from the held-out articles and from each other.
+WIKI_CALIBRATION = range(12, 22)
+WIKI_TRAIN_START = 22
 # Austen: calibration from Pride and Prejudice, uptraining from Emma and Sense and Sensibility.
 CALIBRATION_CHARS = 200_000
 MC_ROWS = {
@@ -43,6 +47,9 @@ def main() -> None:
     articles = wikipedia_articles((text_dir / "wikipedia_sample.txt").read_text())
     heldout = [articles[i] for i in WIKI_HELDOUT]
     (OUT / "text" / "wikipedia_heldout.txt").write_text("\n".join(heldout))
+    calibration = [articles[i] for i in WIKI_CALIBRATION]
+    (OUT / "text" / "wikipedia_calibration.txt").write_text("\n".join(calibration))
+    (OUT / "text" / "wikipedia_train.txt").write_text("\n".join(articles[WIKI_TRAIN_START:]))
 
     pride = (text_dir / "austen_prideprejudice.txt").read_text()
     cut = pride.rfind("\n\n", 0, CALIBRATION_CHARS)

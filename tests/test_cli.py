@@ -117,6 +117,26 @@ def test_convert_with_calibration_text(model_dir, tmp_path, scope):
     assert mlp and all(torch.equal(v, original[k]) for k, v in mlp.items()) == (scope == "attention")
 
 
+def test_convert_with_builtin_wikipedia_calibration(model_dir, tmp_path):
+    """`--calibration builtin:wikipedia` calibrates on the shipped Wikipedia calibration articles."""
+    out = tmp_path / "wiki"
+    argv = ["convert", "--model", str(model_dir), "--groups", "1", "--merge", "score"]
+    argv += ["--calibration", "builtin:wikipedia", "--calibration-tokens", "512", "--out", str(out)]
+    assert main(argv) == 0
+    expected = hf_gqa.patch(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        groups=1,
+        merge="score",
+        calibration=hf_gqa.data.calibration_text("wikipedia"),
+        tokenizer=load_tokenizer(),
+        calibration_tokens=512,
+        show_progress=False,
+    )
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_gqa.from_pretrained(out)(ids).logits, expected(ids).logits)
+
+
 def test_convert_calibration_errors(model_dir, tmp_path, capsys):
     err = _fail(
         [
@@ -133,6 +153,9 @@ def test_convert_calibration_errors(model_dir, tmp_path, capsys):
         capsys,
     )
     assert "no such calibration file" in err
+    argv = ["convert", "--model", str(model_dir), "--groups", "1", "--out", str(tmp_path)]
+    err = _fail(argv + ["--calibration", "builtin:shakespeare"], capsys)
+    assert "builtin:shakespeare" in err and "wikipedia" in err
     err = _fail(["convert", "--model", str(model_dir), "--groups", "auto", "--out", str(tmp_path)], capsys)
     assert "--kv-budget" in err
 

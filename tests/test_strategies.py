@@ -42,7 +42,15 @@ def blocks_folding(model) -> bool:
 
 
 #: one family per weight layout in the fast suite; every family under `-m slow` (about 5 minutes)
-LAYOUT_REPRESENTATIVES = {"llama-gqa", "qwen3-gqa", "phi3-gqa-partial-rotary", "gpt2", "opt", "gpt_neox", "gptj"}
+LAYOUT_REPRESENTATIVES = {
+    "llama-gqa",
+    "qwen3-gqa",
+    "phi3-gqa-partial-rotary",
+    "gpt2",
+    "opt",
+    "gpt_neox",
+    "gptj",
+}
 LAYOUT_REPRESENTATIVES |= {"falcon-old-alibi", "falcon-new-gqa", "bloom", "olmo-mha"}
 
 

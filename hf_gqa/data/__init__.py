@@ -11,11 +11,18 @@ DATA_DIR = Path(__file__).resolve().parent
 HELDOUT_TEXT = DATA_DIR / "text" / "wikipedia_heldout.txt"
 #: Calibration prose (Austen, Pride and Prejudice).
 CALIBRATION_TEXT = DATA_DIR / "text" / "austen_calibration.txt"
+#: Calibration prose (10 Wikipedia articles, disjoint from the held-out and training articles).
+WIKIPEDIA_CALIBRATION_TEXT = DATA_DIR / "text" / "wikipedia_calibration.txt"
 #: Uptraining prose (Austen, Emma and Sense and Sensibility).
 TRAIN_TEXTS = (
     DATA_DIR / "text" / "austen_train_emma.txt",
     DATA_DIR / "text" / "austen_train_sensesensibility.txt",
 )
+#: Uptraining prose (83 Wikipedia articles, disjoint from the held-out and calibration articles).
+WIKIPEDIA_TRAIN_TEXT = DATA_DIR / "text" / "wikipedia_train.txt"
+#: Corpora by name, for calibration and for uptraining.
+CALIBRATION_CORPORA = ("austen", "wikipedia", "mixed")
+TRAIN_CORPORA = ("austen", "wikipedia")
 
 
 def read_text(path: Path = HELDOUT_TEXT) -> str:
@@ -45,12 +52,59 @@ def heldout_documents() -> list[str]:
     return docs
 
 
-def calibration_text() -> str:
-    return read_text(CALIBRATION_TEXT)
+def calibration_text(corpus: str = "austen") -> str:
+    """Shipped calibration prose: "austen" (Pride and Prejudice), "wikipedia" (10 articles not used for
+    evaluation or training) or "mixed" (the two interleaved in blocks of about 4,000 characters, in proportion to their lengths, so
+    that any prefix holds both)."""
+    if corpus == "austen":
+        return read_text(CALIBRATION_TEXT)
+    if corpus == "wikipedia":
+        return read_text(WIKIPEDIA_CALIBRATION_TEXT)
+    if corpus == "mixed":
+        blocks_a = _blocks(read_text(CALIBRATION_TEXT))
+        blocks_w = _blocks(read_text(WIKIPEDIA_CALIBRATION_TEXT))
+        return "\n\n".join(_interleave(blocks_a, blocks_w))
+    raise ValueError(f"unknown calibration corpus {corpus!r}; choose one of {CALIBRATION_CORPORA}")
 
 
-def train_text() -> str:
-    return "\n\n".join(read_text(p) for p in TRAIN_TEXTS)
+def _blocks(text: str, min_chars: int = 4000) -> list[str]:
+    """Consecutive paragraphs of `text` joined into blocks of at least `min_chars` (the last may be shorter)."""
+    blocks: list[str] = []
+    current: list[str] = []
+    for paragraph in text.split("\n\n"):
+        if paragraph.strip():
+            current.append(paragraph.strip("\n"))
+        if sum(map(len, current)) >= min_chars:
+            blocks.append("\n\n".join(current))
+            current = []
+    return blocks + (["\n\n".join(current)] if current else [])
+
+
+def _interleave(a: list[str], b: list[str]) -> list[str]:
+    """Blocks of `a` and `b` in proportion to their lengths in characters, each list keeping its order."""
+    out: list[str] = []
+    i = j = 0
+    used_a = used_b = 0
+    total_a, total_b = sum(map(len, a)) or 1, sum(map(len, b)) or 1
+    while i < len(a) or j < len(b):
+        if j >= len(b) or (i < len(a) and used_a / total_a <= used_b / total_b):
+            out.append(a[i])
+            used_a += len(a[i])
+            i += 1
+        else:
+            out.append(b[j])
+            used_b += len(b[j])
+            j += 1
+    return out
+
+
+def train_text(corpus: str = "austen") -> str:
+    """Shipped uptraining prose: "austen" (Emma and Sense and Sensibility) or "wikipedia" (83 articles)."""
+    if corpus == "austen":
+        return "\n\n".join(read_text(p) for p in TRAIN_TEXTS)
+    if corpus == "wikipedia":
+        return read_text(WIKIPEDIA_TRAIN_TEXT)
+    raise ValueError(f"unknown training corpus {corpus!r}; choose one of {TRAIN_CORPORA}")
 
 
 def mc_rows(name: str) -> list[dict]:
