@@ -374,10 +374,59 @@ def evaluate_perplexity(
 
 
 # -- distillation ----------------------------------------------------------------------------------------------
+class _ChunkedTokenKL(torch.autograd.Function):
+    """`T^2 * KL(softmax(t/T) || softmax(s/T))` summed over selected rows, computed `chunk` rows at a time.
+
+    The naive expression keeps several `[tokens, vocab]` fp32 temporaries alive (masked copies, two
+    log-softmaxes, the KL terms and their gradients); this one holds one chunk at a time and writes the gradient
+    `T * (softmax(s/T) - softmax(t/T))` straight into the logits' gradient. Also returns the student's summed
+    next-token loss over the same rows (not differentiable; for logging).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows, targets, temperature, chunk):
+        # student, teacher: [N, vocab]; rows: [n] indices of scored rows; targets: [n] next-token ids
+        dtype = torch.promote_types(student.dtype, torch.float32)  # half precision is widened per chunk
+        kl = torch.zeros((), dtype=dtype, device=student.device)
+        lm = torch.zeros((), dtype=dtype, device=student.device)
+        for i in range(0, rows.numel(), chunk):
+            idx = rows[i : i + chunk]
+            s = student.index_select(0, idx).to(dtype)
+            log_s = F.log_softmax(s / temperature, dim=-1)
+            log_t = F.log_softmax(teacher.index_select(0, idx).to(dtype) / temperature, dim=-1)
+            kl += (log_t.exp() * (log_t - log_s)).sum()
+            log_p = log_s if temperature == 1.0 else F.log_softmax(s, dim=-1)
+            lm -= log_p.gather(-1, targets[i : i + chunk, None]).sum()
+        ctx.save_for_backward(student, teacher, rows)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(lm)
+        return kl * temperature**2, lm
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_lm):
+        student, teacher, rows = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        dtype = torch.promote_types(student.dtype, torch.float32)
+        grad = torch.zeros_like(student)
+        for i in range(0, rows.numel(), chunk):
+            idx = rows[i : i + chunk]
+            p_s = F.softmax(student.index_select(0, idx).to(dtype) / t, dim=-1)
+            p_t = F.softmax(teacher.index_select(0, idx).to(dtype) / t, dim=-1)
+            grad.index_copy_(0, idx, ((p_s - p_t) * (t * grad_kl)).to(grad.dtype))
+        return grad, None, None, None, None, None
+
+
 def token_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-token `T^2 * KL(teacher || student)` at temperature `T`, summed over the predicted positions.
+
+    Computed `chunk_size` positions at a time (memory: a few `[chunk_size, vocab]` fp32 buffers beside the logits
+    and their gradient, instead of several `[tokens, vocab]` ones).
 
     Args:
         student_logits, teacher_logits: `[batch, seq, vocab]`.
@@ -387,17 +436,21 @@ def token_kl(
         `(kl_sum, lm_sum, count)`: the KL summed over the scored positions (differentiable in the student), the
         student's next-token loss summed over the same positions (detached, for logging) and their number.
     """
-    valid = labels[:, 1:] != -100
-    student = student_logits[:, :-1][valid].float()
-    teacher = teacher_logits[:, :-1][valid].float()
-    log_student = F.log_softmax(student / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher / temperature, dim=-1)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="sum") * temperature**2
-    with torch.no_grad():
-        targets = labels[:, 1:][valid]
-        log_probs = log_student if temperature == 1.0 else F.log_softmax(student, dim=-1)
-        lm = -log_probs.gather(-1, targets[:, None]).sum()
-    return kl, lm, int(valid.sum())
+    batch, seq, vocab = student_logits.shape
+    valid = torch.zeros((batch, seq), dtype=torch.bool, device=labels.device)
+    valid[:, :-1] = labels[:, 1:] != -100
+    rows = valid.reshape(-1).nonzero().squeeze(-1)
+    targets = torch.zeros_like(labels)
+    targets[:, :-1] = labels[:, 1:].clamp_min(0)
+    kl, lm = _ChunkedTokenKL.apply(
+        student_logits.reshape(-1, vocab),
+        teacher_logits.detach().reshape(-1, vocab),
+        rows,
+        targets.reshape(-1)[rows],
+        temperature,
+        chunk_size,
+    )
+    return kl, lm, int(rows.numel())
 
 
 class UptrainTrainer(Trainer):

@@ -31,6 +31,7 @@ from hf_gqa.training import (
     pack_blocks,
     prepare_for_method,
     read_texts,
+    token_kl,
     uptrain,
 )
 from tests.cases import all_cases
@@ -303,6 +304,33 @@ def test_teacher_kl_zero_for_itself_positive_for_original(case, tmp_path):
     ids = batch(6)
     lm_model = student(input_ids=ids, labels=ids).loss.item()
     torch.testing.assert_close(loss.item(), lm_model + 0.5 * kl, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_token_kl_equals_the_direct_formula_in_value_and_gradient(temperature):
+    """The chunked KL (chunks smaller than the scored rows, masked labels) equals the textbook expression."""
+    torch.manual_seed(0)
+    student = torch.randn(3, 7, 11, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 7, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, 3] = labels[2, 1:4] = -100
+    kl, lm, count = token_kl(student, teacher, labels, temperature, chunk_size=4)
+    kl.backward()
+    chunked_grad = student.grad.clone()
+
+    student.grad = None
+    valid = labels[:, 1:] != -100
+    s, t = student[:, :-1][valid], teacher[:, :-1][valid]
+    log_s = torch.log_softmax(s / temperature, -1)
+    log_t = torch.log_softmax(t / temperature, -1)
+    ref = (log_t.exp() * (log_t - log_s)).sum() * temperature**2
+    ref.backward()
+    ref_lm = -torch.log_softmax(s, -1).gather(-1, labels[:, 1:][valid][:, None]).sum()
+    assert count == int(valid.sum()) == 3 * 6 - 4
+    torch.testing.assert_close(kl, ref)
+    torch.testing.assert_close(lm, ref_lm.detach())
+    torch.testing.assert_close(chunked_grad, student.grad)
+    assert chunked_grad[:, -1].abs().sum() == 0 and chunked_grad[0, 2].abs().sum() == 0  # unscored rows
 
 
 # -- data ------------------------------------------------------------------------------------------------------
