@@ -10,10 +10,11 @@ original model as teacher, and records held-out perplexity against training toke
     held-out text: hf_gqa/data/text/wikipedia_heldout.txt  (`hf_gqa.data.heldout_documents()`), never trained on;
                    perplexity = exp(mean token loss) over the first `--eval-windows` packed blocks of `--block-size`.
 
-Initialisations (`--init`, repeatable): `mean` (the paper's mean pooling), `best` (`hf_gqa.patch` with the shipped
-calibration text, i.e. its best calibrated default), `NAME:{json}` (any `hf_gqa.patch` keywords; `"calibration":
-true` stands for the shipped calibration text and the tokenizer), or `NAME:PATH` (a model already converted and
-saved with hf_gqa); `"calibration": "wikipedia"` (or "mixed") picks another shipped calibration corpus. Every run goes in its own process, so that its peak memory is its own. Results (command,
+Initialisations (`--init`, repeatable): `mean` (the paper's mean pooling), `best` (`hf_gqa.patch` calibrated on
+the shipped mixed Austen + Wikipedia calibration text, i.e. its best calibrated default), `NAME:{json}` (any
+`hf_gqa.patch` keywords; `"calibration": true` stands for the shipped Austen calibration text and the tokenizer,
+`"calibration": "wikipedia"` or `"mixed"` for another shipped corpus), or `NAME:PATH` (a model already converted
+and saved with hf_gqa). Every run goes in its own process, so that its peak memory is its own. Results (command,
 versions, machine, curves, training tokens/sec, peak RSS) go to `<out-dir>/uptrain_recovery.{json,md,png}` and
 are rewritten after every run.
 
@@ -230,7 +231,7 @@ def parse_init(text: str) -> dict[str, Any]:
     if text == "mean":
         return {"label": "mean", "kwargs": {"merge": "mean"}}
     if text == "best":
-        return {"label": "best", "kwargs": {"calibration": True}}
+        return {"label": "best", "kwargs": {"calibration": "mixed"}}
     label, sep, value = text.partition(":")
     if not sep:
         raise SystemExit(f"--init {text!r}: use mean, best, NAME:{{json}} or NAME:PATH")
@@ -331,6 +332,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def init_descriptions(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """Each initialisation label once: its `--init-note`, else its patch keywords or saved model folder."""
+    out: dict[str, str] = {}
+    for run in runs:
+        init = run["init"]
+        if init["label"] in out or run["method"] == "none":
+            continue
+        detail = f"`{json.dumps(init['kwargs'])}`" if "kwargs" in init else f"saved model `{init.get('path')}`"
+        out[init["label"]] = f"{init['note']} ({detail})" if init.get("note") else detail
+    return out
+
+
 def markdown(results: dict[str, Any]) -> str:
     original = results.get("original_perplexity")
     lines = [
@@ -342,6 +355,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *[f"- Train text `{k}`: {v}" for k, v in TRAIN_TEXTS.items()],
         f"- Held-out text: {HELDOUT_TEXT}; {results['eval_windows']} blocks of {results['block_size']} tokens",
+        *[f"- Init `{label}`: {text}" for label, text in init_descriptions(results["runs"]).items()],
         f"- Original perplexity: {original:.2f}" if original else "- Original perplexity: not measured",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}",
         f"- Machine: {', '.join(f'{k}: {v}' for k, v in results['machine'].items())}",
@@ -376,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--init", action="append", help="initialisation(s); default: mean and best")
+    parser.add_argument(
+        "--init-note",
+        action="append",
+        help="LABEL=TEXT: how an initialisation was made (shown in the report; for NAME:PATH inits)",
+    )
     parser.add_argument(
         "--methods", nargs="+", default=["lora", "kv", "full"], choices=["lora", "kv", "full"]
     )
@@ -421,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     inits = [parse_init(t) for t in (args.init or ["mean", "best"])]
+    notes = dict(n.split("=", 1) for n in args.init_note or [])
+    for init in inits:
+        if init["label"] in notes:
+            init["note"] = notes[init["label"]]
     teachers = {"both": [False, True], "yes": [True], "no": [False]}[args.teacher]
     common = dict(
         groups=args.groups,
