@@ -339,7 +339,9 @@ def init_descriptions(runs: list[dict[str, Any]]) -> dict[str, str]:
         init = run["init"]
         if init["label"] in out or run["method"] == "none":
             continue
-        detail = f"`{json.dumps(init['kwargs'])}`" if "kwargs" in init else f"saved model `{init.get('path')}`"
+        detail = (
+            f"`{json.dumps(init['kwargs'])}`" if "kwargs" in init else f"saved model `{init.get('path')}`"
+        )
         out[init["label"]] = f"{init['note']} ({detail})" if init.get("note") else detail
     return out
 
