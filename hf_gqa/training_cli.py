@@ -36,9 +36,9 @@ def _builtin_texts() -> dict[str, Callable[[], list[str]]]:
         "builtin:austen": lambda: [data.train_text("austen")],
         "builtin:wikipedia-train": lambda: [data.train_text("wikipedia")],
         "builtin:wikipedia": data.heldout_documents,
-        "builtin:calibration": lambda: [data.calibration_text("austen")],
+        "builtin:calibration": lambda: [data.calibration_text("mixed")],
+        "builtin:calibration-austen": lambda: [data.calibration_text("austen")],
         "builtin:calibration-wikipedia": lambda: [data.calibration_text("wikipedia")],
-        "builtin:calibration-mixed": lambda: [data.calibration_text("mixed")],
     }
 
 
@@ -51,8 +51,8 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
             "Uptrain a GQA-converted model on text with the transformers Trainer. Works under "
             "`accelerate launch` (data parallel) unchanged. Text arguments take files, folders of *.txt, "
             "text shipped with hf_gqa (builtin:austen and builtin:wikipedia-train for training, builtin:wikipedia "
-            "for the held-out articles, builtin:calibration, builtin:calibration-wikipedia and "
-            "builtin:calibration-mixed for calibration; see hf_gqa/data/SOURCES.md), or a "
+            "for the held-out articles, builtin:calibration (Austen and Wikipedia interleaved), "
+            "builtin:calibration-austen and builtin:calibration-wikipedia; see hf_gqa/data/SOURCES.md), or a "
             "datasets name loaded with datasets.load_dataset."
         ),
     )
