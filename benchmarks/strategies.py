@@ -49,7 +49,22 @@ VARIANTS: dict[str, dict] = {
     "score (not sequential)": {"merge": "score", "calibrated": True, "sequential": False},
     "refine (local target)": {"merge": "refine", "calibrated": True, "refine_target": "local"},
     "auto budget 0.5 (refine)": {"merge": "refine", "calibrated": True, "groups": "auto", "kv_budget": 0.5},
+    "refine (mixed calibration)": {"merge": "refine", "calibrated": "mixed"},
+    "refine 300 steps (mixed calibration)": {"merge": "refine", "calibrated": "mixed", "refine_steps": 300},
 }
+
+
+def split_names(text: str) -> list[str]:
+    """Comma-separated variant names; commas inside parentheses belong to the name."""
+    names, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            names.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [n for n in names + [current.strip()] if n]
 
 
 def rss_mib() -> float:
@@ -94,6 +109,7 @@ def run_variant(name: str, args) -> dict:
             result["calibration_corpus"] = corpus
             spec.update(calibration=data.calibration_text(corpus), tokenizer=tokenizer, show_progress=False)
             spec.setdefault("calibration_tokens", args.calibration_tokens)
+            result["calibration_tokens"] = spec["calibration_tokens"]
         hf_gqa.patch(model, groups=groups, **spec)
     result["convert_s"] = time.perf_counter() - start
     result["threads"] = args.threads
@@ -122,6 +138,13 @@ def run_variant(name: str, args) -> dict:
     return result
 
 
+def calibration(result: dict) -> str:
+    """`corpus, N tokens` for a calibrated variant, empty for one converted without data."""
+    if "calibration_corpus" not in result:
+        return ""
+    return f"{result['calibration_corpus']}, {result['calibration_tokens']:,}"
+
+
 def markdown(results: list[dict], env: dict, command: str, args) -> str:
     base = next(r for r in results if r["variant"] == "original")
     lines = [
@@ -136,7 +159,7 @@ def markdown(results: list[dict], env: dict, command: str, args) -> str:
         "Calibration: Austen, *Pride and Prejudice* (`hf_gqa/data/text/austen_calibration.txt`) unless the row "
         "names another corpus: Wikipedia = 10 other Wikipedia articles (`hf_gqa/data/text/wikipedia_calibration.txt`,"
         " disjoint from the held-out ones), mixed = both interleaved in blocks of about 4,000 characters; "
-        f"{args.calibration_tokens} tokens. Held-out perplexity: the first {args.windows} windows of "
+        "the first N tokens of the corpus (column calibration). Held-out perplexity: the first {args.windows} windows of "
         f"{args.window} tokens of 12 Wikipedia articles (`hf_gqa/data/text/wikipedia_heldout.txt`), never used "
         f"for calibration. lm-eval {args.limit} examples per task (bundled offline tasks, lm-eval's own prompts), "
         "batch size "
@@ -144,9 +167,9 @@ def markdown(results: list[dict], env: dict, command: str, args) -> str:
         "three KV heads of a layer in one group, so `grouping` (consecutive or similarity) cannot differ here; "
         "per-layer budgets choose 1 or 3 heads per layer.",
         "",
-        "| variant | KV bytes | perplexity | x original | hellaswag acc_norm | arc_easy acc | winogrande acc "
+        "| variant | calibration | KV bytes | perplexity | x original | hellaswag acc_norm | arc_easy acc | winogrande acc "
         "| convert s | threads | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ev = r.get("lm_eval", {})
@@ -156,7 +179,7 @@ def markdown(results: list[dict], env: dict, command: str, args) -> str:
             return "" if value is None else f"{value:.3f}"
 
         lines.append(
-            f"| {r['variant']} | {r['kv_bytes_fraction']:.0%} | {r['perplexity']:,.2f} "
+            f"| {r['variant']} | {calibration(r)} | {r['kv_bytes_fraction']:.0%} | {r['perplexity']:,.2f} "
             f"| {r['perplexity'] / base['perplexity']:,.2f} | {acc('hf_gqa_hellaswag', 'acc_norm')} "
             f"| {acc('hf_gqa_arc_easy', 'acc')} | {acc('hf_gqa_winogrande', 'acc')} "
             f"| {r['convert_s']:.0f} | {r.get('threads', 2)} | {r['peak_rss_mib']:,.0f} |"
@@ -186,7 +209,10 @@ def main() -> None:
     parser.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.lm_eval_variants = set(args.lm_eval_variants.split(","))
+    args.lm_eval_variants = set(split_names(args.lm_eval_variants))
+    unknown = [n for n in args.lm_eval_variants | set(split_names(args.variants)) if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown} (names are comma-separated; known: {list(VARIANTS)})")
     if args._variant:
         Path(args._out).write_text(json.dumps(run_variant(args._variant, args)))
         return
@@ -209,7 +235,7 @@ def main() -> None:
             results = json.loads(previous.read_text())["results"]
             command = json.loads(previous.read_text())["command"] + " && " + command
         done = {r["variant"] for r in results}
-        names = [n for n in args.variants.split(",") if n and n not in done]
+        names = [n for n in split_names(args.variants) if n not in done]
         for name in names:
             out = Path(tmp) / "result.json"
             child = [sys.executable, __file__, "--_variant", name, "--_out", str(out)]
