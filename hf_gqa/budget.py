@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .refine import _call, relative_error
+
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -22,16 +24,9 @@ def block_error(
     original: torch.nn.Module, converted: torch.nn.Module, inputs: list[tuple[tuple, dict]]
 ) -> float:
     """Relative squared error of `converted`'s output against `original`'s on captured inputs."""
-    num = den = 0.0
     with torch.no_grad():
-        for args, kwargs in inputs:
-            ref = original(*args, **kwargs)
-            out = converted(*args, **kwargs)
-            ref = ref[0] if isinstance(ref, (tuple, list)) else ref
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            num += float(((out.float() - ref.float()) ** 2).sum())
-            den += float((ref.float() ** 2).sum())
-    return num / max(den, 1e-30)
+        targets = [_call(original, args, kwargs) for args, kwargs in inputs]
+    return relative_error(converted, inputs, targets)
 
 
 def choose_heads(

@@ -38,6 +38,16 @@ def _rows(obj, index: int, batch: int, key: str | None = None):
     return obj
 
 
+def relative_error(module: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor]) -> float:
+    """`sum ||module(x) - target||^2 / sum ||target||^2` over captured `(args, kwargs)` calls and their targets."""
+    num = den = 0.0
+    with torch.no_grad():
+        for (args, kwargs), target in zip(inputs, targets):
+            num += float(((_call(module, args, kwargs).float() - target.float()) ** 2).sum())
+            den += float((target.float() ** 2).sum())
+    return num / max(den, 1e-30)
+
+
 def refine_module(
     original: nn.Module,
     converted: nn.Module,
@@ -75,13 +85,7 @@ def refine_module(
     for p in params:
         p.requires_grad_(True)
 
-    def error() -> float:
-        with torch.no_grad():
-            num = sum(((_call(converted, a, k).float() - t) ** 2).sum() for (a, k), t in zip(inputs, targets))
-            den = sum((t**2).sum() for t in targets)
-        return float(num / den)
-
-    before = error()
+    before = relative_error(converted, inputs, targets)
     if before < 1e-10:  # exact to float precision (e.g. groups == heads): Adam steps would only add noise
         for p, grad in zip(params, grads):
             p.requires_grad_(grad)
@@ -104,7 +108,7 @@ def refine_module(
         loss.backward()
         opt.step()
         sched.step()
-    after = error()
+    after = relative_error(converted, inputs, targets)
     reverted = after >= before  # never leave a block worse on the calibration data than its closed form
     if reverted:
         with torch.no_grad():
