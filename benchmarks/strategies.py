@@ -159,7 +159,7 @@ def markdown(results: list[dict], env: dict, command: str, args) -> str:
         "Calibration: Austen, *Pride and Prejudice* (`hf_gqa/data/text/austen_calibration.txt`) unless the row "
         "names another corpus: Wikipedia = 10 other Wikipedia articles (`hf_gqa/data/text/wikipedia_calibration.txt`,"
         " disjoint from the held-out ones), mixed = both interleaved in blocks of about 4,000 characters; "
-        "the first N tokens of the corpus (column calibration). Held-out perplexity: the first {args.windows} windows of "
+        f"the first N tokens of the corpus (column calibration). Held-out perplexity: the first {args.windows} windows of "
         f"{args.window} tokens of 12 Wikipedia articles (`hf_gqa/data/text/wikipedia_heldout.txt`), never used "
         f"for calibration. lm-eval {args.limit} examples per task (bundled offline tasks, lm-eval's own prompts), "
         "batch size "
