@@ -206,6 +206,9 @@ def main() -> None:
         "--model-dir", default=None, help="a saved fp32 SmolLM2 (default: from the GGUF package)"
     )
     parser.add_argument("--resume", action="store_true", help="keep the variants already in the results JSON")
+    parser.add_argument(
+        "--redo", action="store_true", help="with --resume: run the --variants again, replacing their rows"
+    )
     parser.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,6 +237,8 @@ def main() -> None:
         if args.resume and previous.exists():
             results = json.loads(previous.read_text())["results"]
             command = json.loads(previous.read_text())["command"] + " && " + command
+        if args.redo:
+            results = [r for r in results if r["variant"] not in split_names(args.variants)]
         done = {r["variant"] for r in results}
         names = [n for n in split_names(args.variants) if n not in done]
         for name in names:
