@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         help="LABEL=TEXT: how an initialisation was made (shown in the report; for NAME:PATH inits)",
     )
     parser.add_argument(
-        "--methods", nargs="+", default=["lora", "kv", "full"], choices=["lora", "kv", "full"]
+        "--methods", nargs="+", default=["lora", "kv", "full"], choices=["lora", "kv", "attention", "full"]
     )
     parser.add_argument("--teacher", default="both", choices=["both", "yes", "no"])
     parser.add_argument("--groups", type=int, default=1, help="KV heads after conversion (SmolLM2 has 3)")
@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, help="learning rate for every method (default: per method)")
     parser.add_argument("--lr-lora", type=float, default=5e-4)
     parser.add_argument("--lr-kv", type=float, default=2e-4)
+    parser.add_argument("--lr-attention", type=float, default=1e-4)
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--scheduler", default="constant_with_warmup", help="lr_scheduler_type")
     parser.add_argument("--warmup-steps", type=int, default=10)
@@ -503,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         if original.get("curve"):
             results["original_perplexity"] = original["curve"][0]["perplexity"]
     write_results(results, args.out_dir)
-    lrs = {"lora": args.lr_lora, "kv": args.lr_kv, "full": args.lr_full}
+    lrs = {"lora": args.lr_lora, "kv": args.lr_kv, "attention": args.lr_attention, "full": args.lr_full}
     for init in inits:
         for method in args.methods:
             for teacher in teachers:

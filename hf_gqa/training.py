@@ -14,6 +14,10 @@ Methods:
         (`c_attn`, `query_key_value`, `qkv_proj`), the whole fused weight has `requires_grad=True` but a gradient
         hook zeroes every entry that does not feed a key or value head, and those weights are kept out of weight
         decay, so the query rows stay bit-identical.
+    `"attention"`: every parameter of the converted attention modules trains (q, k, v and output projections and
+        their biases); embeddings, MLPs and norms stay frozen. Cheaper per step than `"full"` (no weight
+        gradients or optimiser state outside attention) and it leaves the unconverted parts of the model as
+        they were.
     `"full"`: every parameter trains.
 
 Training is the stock `Trainer` (so `accelerate launch`, DDP, FSDP and DeepSpeed work through its arguments) with
@@ -45,10 +49,10 @@ from .patch import is_patched
 
 logger = logging.getLogger("hf_gqa")
 
-METHODS = ("lora", "kv", "full")
+METHODS = ("lora", "kv", "attention", "full")
 
 #: Learning rates used when `uptrain` is given none.
-DEFAULT_LEARNING_RATES: dict[str, float] = {"lora": 5e-4, "kv": 2e-4, "full": 5e-5}
+DEFAULT_LEARNING_RATES: dict[str, float] = {"lora": 5e-4, "kv": 2e-4, "attention": 1e-4, "full": 5e-5}
 
 #: The attention projections of each family (adapter `family`, or `config.model_type`) that conversion changes or
 #: that read the converted heads: the default LoRA targets, resolved inside each attention module only (GPT-2's MLP
@@ -222,6 +226,27 @@ def _freeze_for_kv(model: nn.Module) -> tuple[list[torch.utils.hooks.RemovableHa
     return hooks, fused
 
 
+def attention_parameter_names(model: nn.Module) -> list[str]:
+    """Qualified names of every parameter inside the converted attention modules (what `method="attention"`
+    trains)."""
+    base = _base_model(model)
+    adapter = get_adapter(base)
+    return [
+        f"{name}.{pname}"
+        for name, module in adapter.attention_modules(base)
+        for pname, _ in module.named_parameters()
+    ]
+
+
+def _freeze_outside_attention(model: nn.Module) -> None:
+    """Freeze every parameter that is not inside a converted attention module."""
+    names = set(attention_parameter_names(model))
+    if not names:
+        raise GQAError("Found no attention parameters to train.")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+
+
 def prepare_for_method(
     model: nn.Module,
     method: str,
@@ -233,7 +258,8 @@ def prepare_for_method(
     """Set which parameters train for `method`; returns `(model to train, gradient hooks, masked names)`.
 
     `"lora"` wraps `model` in a `PeftModel` (a `PeftModel` given is used as is); `"kv"` freezes all but the K/V
-    projections (see `kv_parameter_masks`); `"full"` makes every parameter trainable.
+    projections (see `kv_parameter_masks`); `"attention"` freezes all but the converted attention modules;
+    `"full"` makes every parameter trainable.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -248,6 +274,9 @@ def prepare_for_method(
     if method == "kv":
         hooks, fused = _freeze_for_kv(model)
         return model, hooks, fused
+    if method == "attention":
+        _freeze_outside_attention(model)
+        return model, [], []
     for param in model.parameters():
         param.requires_grad_(True)
     return model, [], []

@@ -185,6 +185,26 @@ def test_full_gradients_everywhere(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_attention_gradients_only_inside_attention_modules(case):
+    model, hooks, fused = prepare_for_method(patched(case), "attention")
+    assert hooks == [] and fused == []
+    adapter = hf_gqa.get_adapter(model)
+    prefixes = tuple(f"{name}." for name, _ in adapter.attention_modules(model))
+    assert prefixes
+    _backward(model)
+    trained = 0
+    for name, p in model.named_parameters():
+        inside = name.startswith(prefixes)
+        assert p.requires_grad == inside, name
+        if inside:
+            trained += 1
+            assert p.grad is not None and (p.ndim != 2 or p.grad.abs().sum() > 0), name
+        else:
+            assert p.grad is None, name
+    assert trained >= 2 * len(prefixes)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_kv_trainer_steps_change_only_kv_entries(case, tmp_path):
     """Two real Trainer steps with weight decay: every entry outside the K/V projections stays bit-identical."""
     model = patched(case)
