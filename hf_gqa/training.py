@@ -647,7 +647,7 @@ def uptrain(
         tokenizer: its tokenizer.
         train_data: training text: a file or folder path, a list of `pathlib.Path`, a `datasets.Dataset` with a
             `text_column`, or an iterable of strings. Packed into `[block_size]` blocks with EOS between documents.
-        method: `"lora"`, `"kv"` or `"full"` (see the module docstring).
+        method: `"lora"`, `"kv"`, `"attention"` or `"full"` (see the module docstring).
         max_steps: optimiser steps.
         teacher: optional model (typically the original, unconverted one) whose logits the student matches with a
             KL term beside the LM loss. Put in eval mode and run without gradients, on the student's device. It

@@ -46,7 +46,7 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     """Add the `uptrain` subcommand to `subparsers` (the result of `parser.add_subparsers()`)."""
     p = subparsers.add_parser(
         "uptrain",
-        help="convert a model (optionally) and uptrain it with LoRA, K/V-only or full training",
+        help="convert a model (optionally) and uptrain it with LoRA, K/V-only, attention-only or full training",
         description=(
             "Uptrain a GQA-converted model on text with the transformers Trainer. Works under "
             "`accelerate launch` (data parallel) unchanged. Text arguments take files, folders of *.txt, "
