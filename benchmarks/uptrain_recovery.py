@@ -312,12 +312,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     original = results.get("original_perplexity")
-    for run in results["runs"]:
-        if run["method"] == "none" or not run.get("curve"):
-            continue
+    runs = [run for run in results["runs"] if run["method"] != "none" and run.get("curve")]
+    colors = plt.get_cmap("tab20").colors
+    for i, run in enumerate(runs):
         xs = [p["train_tokens"] for p in run["curve"]]
         ys = [p["perplexity"] for p in run["curve"]]
-        ax.plot(xs, ys, marker="o", markersize=3, label=run_name(run))
+        label = f"{run_name(run)} / lr {run['lr']:g}" if run.get("lr") else run_name(run)
+        ax.plot(xs, ys, marker="o", markersize=3, color=colors[i % len(colors)], label=label)
     if original:
         ax.axhline(original, color="black", linestyle="--", linewidth=1, label=f"original ({original:.1f})")
         ax.axhline(1.3 * original, color="gray", linestyle=":", linewidth=1, label="1.3 x original")
