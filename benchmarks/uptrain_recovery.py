@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, help="learning rate for every method (default: per method)")
     parser.add_argument("--lr-lora", type=float, default=5e-4)
     parser.add_argument("--lr-kv", type=float, default=2e-4)
-    parser.add_argument("--lr-attention", type=float, default=1e-4)
+    parser.add_argument("--lr-attention", type=float, default=5e-5)
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--scheduler", default="constant_with_warmup", help="lr_scheduler_type")
     parser.add_argument("--warmup-steps", type=int, default=10)

@@ -52,7 +52,7 @@ logger = logging.getLogger("hf_gqa")
 METHODS = ("lora", "kv", "attention", "full")
 
 #: Learning rates used when `uptrain` is given none.
-DEFAULT_LEARNING_RATES: dict[str, float] = {"lora": 5e-4, "kv": 2e-4, "attention": 1e-4, "full": 5e-5}
+DEFAULT_LEARNING_RATES: dict[str, float] = {"lora": 5e-4, "kv": 2e-4, "attention": 5e-5, "full": 5e-5}
 
 #: The attention projections of each family (adapter `family`, or `config.model_type`) that conversion changes or
 #: that read the converted heads: the default LoRA targets, resolved inside each attention module only (GPT-2's MLP
