@@ -235,12 +235,14 @@ def main() -> None:
         results = []
         previous = RESULTS / f"{args.name}.json"
         if args.resume and previous.exists():
-            results = json.loads(previous.read_text())["results"]
-            command = json.loads(previous.read_text())["command"] + " && " + command
+            saved = json.loads(previous.read_text())
+            results = saved["results"]
+            command = saved["command"] + " && " + command
+        wanted = split_names(args.variants)
         if args.redo:
-            results = [r for r in results if r["variant"] not in split_names(args.variants)]
+            results = [r for r in results if r["variant"] not in wanted]
         done = {r["variant"] for r in results}
-        names = [n for n in split_names(args.variants) if n not in done]
+        names = [n for n in wanted if n not in done]
         for name in names:
             out = Path(tmp) / "result.json"
             child = [sys.executable, __file__, "--_variant", name, "--_out", str(out)]

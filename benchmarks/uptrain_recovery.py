@@ -389,6 +389,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hf_gqa.training import DEFAULT_LEARNING_RATES, METHODS
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -398,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="LABEL=TEXT: how an initialisation was made (shown in the report; for NAME:PATH inits)",
     )
-    parser.add_argument(
-        "--methods", nargs="+", default=["lora", "kv", "full"], choices=["lora", "kv", "attention", "full"]
-    )
+    parser.add_argument("--methods", nargs="+", default=["lora", "kv", "full"], choices=METHODS)
     parser.add_argument("--teacher", default="both", choices=["both", "yes", "no"])
     parser.add_argument("--groups", type=int, default=1, help="KV heads after conversion (SmolLM2 has 3)")
     parser.add_argument("--train-corpus", default="austen", choices=sorted(TRAIN_TEXTS))
@@ -412,10 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--lr", type=float, help="learning rate for every method (default: per method)")
-    parser.add_argument("--lr-lora", type=float, default=5e-4)
-    parser.add_argument("--lr-kv", type=float, default=2e-4)
-    parser.add_argument("--lr-attention", type=float, default=5e-5)
-    parser.add_argument("--lr-full", type=float, default=5e-5)
+    for method, lr in DEFAULT_LEARNING_RATES.items():
+        parser.add_argument(f"--lr-{method}", type=float, default=lr, help=f"learning rate of {method}")
     parser.add_argument("--scheduler", default="constant_with_warmup", help="lr_scheduler_type")
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -505,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         if original.get("curve"):
             results["original_perplexity"] = original["curve"][0]["perplexity"]
     write_results(results, args.out_dir)
-    lrs = {"lora": args.lr_lora, "kv": args.lr_kv, "attention": args.lr_attention, "full": args.lr_full}
+    lrs = {method: getattr(args, f"lr_{method}") for method in METHODS}
     for init in inits:
         for method in args.methods:
             for teacher in teachers:
