@@ -91,12 +91,21 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     train = p.add_argument_group("training")
     train.add_argument("--method", default="lora", choices=["lora", "kv", "attention", "full"])
     train.add_argument("--steps", type=int, default=100, help="optimiser steps")
-    train.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    train.add_argument(
+        "--max-minutes",
+        type=float,
+        help="stop after this much training time (evaluation excluded); linear and cosine schedules decay over it",
+    )
     train.add_argument("--lr", type=float, help="learning rate (default depends on --method)")
     train.add_argument("--batch-size", type=int, default=4, help="blocks per device per step")
     train.add_argument("--grad-accum", type=int, default=1)
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--warmup-steps", type=int)
+    train.add_argument(
+        "--scheduler",
+        default="cosine",
+        help="lr_scheduler_type of transformers (cosine, linear, constant, constant_with_warmup, ...)",
+    )
     train.add_argument("--eval-steps", type=int)
     train.add_argument("--logging-steps", type=int)
     train.add_argument("--seed", type=int, default=42)
@@ -117,8 +126,20 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         const="original",
         help="distil from a teacher: the model as loaded, before conversion (no value), or a model path",
     )
-    distill.add_argument("--distill-weight", type=float, default=1.0)
+    distill.add_argument("--distill-weight", type=float, default=1.0, help="weight of the KL term")
     distill.add_argument("--temperature", type=float, default=1.0)
+    distill.add_argument(
+        "--lm-weight",
+        type=float,
+        default=1.0,
+        help="weight of the next-token loss beside the KL (0: distil only)",
+    )
+    distill.add_argument(
+        "--hidden-weight",
+        type=float,
+        default=0.0,
+        help="also match every layer's output to the teacher's, with this weight",
+    )
     out = p.add_argument_group("output")
     out.add_argument(
         "--out", required=True, help="output folder: model or adapter, tokenizer, loss_log.jsonl"
@@ -232,6 +253,7 @@ def _training_args(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         bf16=args.bf16,
         disable_tqdm=args.no_progress,
+        lr_scheduler_type=args.scheduler,
     )
     if args.gradient_checkpointing:
         values["gradient_checkpointing"] = True
@@ -279,6 +301,8 @@ def run_uptrain(args: argparse.Namespace) -> int:
         teacher=teacher,
         distill_weight=args.distill_weight,
         temperature=args.temperature,
+        lm_weight=args.lm_weight,
+        hidden_weight=args.hidden_weight,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,

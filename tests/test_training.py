@@ -23,14 +23,18 @@ import hf_gqa
 from hf_gqa.training import (
     DEFAULT_LORA_TARGETS,
     LOSS_LOG,
+    TimeLimitCallback,
     UptrainTrainer,
     attention_projection_names,
     default_lora_targets,
+    distillation_loss,
     evaluate_perplexity,
+    hidden_state_distance,
     kv_parameter_masks,
     pack_blocks,
     prepare_for_method,
     read_texts,
+    time_aware_lr_factor,
     token_kl,
     uptrain,
 )
@@ -326,31 +330,167 @@ def test_teacher_kl_zero_for_itself_positive_for_original(case, tmp_path):
     torch.testing.assert_close(loss.item(), lm_model + 0.5 * kl, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_chunked_token_kl_equals_the_direct_formula_in_value_and_gradient(temperature):
-    """The chunked KL (chunks smaller than the scored rows, masked labels) equals the textbook expression."""
-    torch.manual_seed(0)
+def _direct_terms(student, teacher, labels, temperature):
+    """`(T^2 * KL summed, next-token loss summed, count)` by the textbook expressions on the scored positions."""
+    valid = labels[:, 1:] != -100
+    s, t = student[:, :-1][valid], teacher[:, :-1][valid]
+    log_s = torch.log_softmax(s / temperature, -1)
+    log_t = torch.log_softmax(t / temperature, -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum() * temperature**2
+    lm = -torch.log_softmax(s, -1).gather(-1, labels[:, 1:][valid][:, None]).sum()
+    return kl, lm, int(valid.sum())
+
+
+def _logits_and_labels(seed: int = 0):
+    torch.manual_seed(seed)
     student = torch.randn(3, 7, 11, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(3, 7, 11, dtype=torch.float64)
     labels = torch.randint(0, 11, (3, 7))
     labels[0, 3] = labels[2, 1:4] = -100
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_token_kl_equals_the_direct_formula_in_value_and_gradient(temperature):
+    """The chunked KL (chunks smaller than the scored rows, masked labels) equals the textbook expression."""
+    student, teacher, labels = _logits_and_labels()
     kl, lm, count = token_kl(student, teacher, labels, temperature, chunk_size=4)
     kl.backward()
     chunked_grad = student.grad.clone()
 
     student.grad = None
-    valid = labels[:, 1:] != -100
-    s, t = student[:, :-1][valid], teacher[:, :-1][valid]
-    log_s = torch.log_softmax(s / temperature, -1)
-    log_t = torch.log_softmax(t / temperature, -1)
-    ref = (log_t.exp() * (log_t - log_s)).sum() * temperature**2
+    ref, ref_lm, ref_count = _direct_terms(student, teacher, labels, temperature)
     ref.backward()
-    ref_lm = -torch.log_softmax(s, -1).gather(-1, labels[:, 1:][valid][:, None]).sum()
-    assert count == int(valid.sum()) == 3 * 6 - 4
+    assert count == ref_count == 3 * 6 - 4
     torch.testing.assert_close(kl, ref)
     torch.testing.assert_close(lm, ref_lm.detach())
     torch.testing.assert_close(chunked_grad, student.grad)
     assert chunked_grad[:, -1].abs().sum() == 0 and chunked_grad[0, 2].abs().sum() == 0  # unscored rows
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kl_weight,lm_weight", [(1.0, 1.0), (0.7, 0.0), (0.0, 0.3), (0.5, 2.0)])
+def test_fused_distillation_loss_equals_weighted_direct_terms(temperature, kl_weight, lm_weight):
+    """One pass gives `kl_weight * KL + lm_weight * LM` and its exact gradient, also under an outer scale."""
+    student, teacher, labels = _logits_and_labels(1)
+    loss, kl, lm, count = distillation_loss(
+        student, teacher, labels, temperature, kl_weight, lm_weight, chunk_size=3
+    )
+    (1.7 * loss).backward()
+    fused_grad = student.grad.clone()
+
+    student.grad = None
+    ref_kl, ref_lm, ref_count = _direct_terms(student, teacher, labels, temperature)
+    ref = kl_weight * ref_kl + lm_weight * ref_lm
+    (1.7 * ref).backward()
+    assert count == ref_count
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(kl, ref_kl.detach())
+    torch.testing.assert_close(lm, ref_lm.detach())
+    torch.testing.assert_close(fused_grad, student.grad)
+    assert not kl.requires_grad and not lm.requires_grad
+
+
+def test_hidden_state_distance_closed_form():
+    """Per position `||h_s - h_t||^2 / ||h_t||^2`, averaged over layers (embeddings skipped), masked rows out."""
+    h_t = [torch.randn(1, 3, 2) * 100, torch.tensor([[[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]]])]
+    h_t.append(2 * h_t[1])
+    h_s = [
+        torch.zeros(1, 3, 2),
+        h_t[1] + torch.tensor([[[0.0, 5.0], [1.0, 0.0], [9.0, 9.0]]]),
+        h_t[2].clone(),
+    ]
+    labels = torch.tensor([[7, 7, -100]])  # position 1 is not scored (its next label is masked), nor is 2
+    # layer 1: position 0: 25 / 25 = 1; layer 2: identical: 0; mean over the two layers: 0.5.
+    assert hidden_state_distance(h_s, h_t, labels).item() == pytest.approx(0.5)
+    assert hidden_state_distance(h_t, h_t, torch.tensor([[7, 7, 7]])).item() == 0.0
+
+
+def test_hidden_weight_adds_the_layer_distance_to_the_trainer_loss(tmp_path):
+    case = next(c for c in CASES if c.name == "llama-mha")
+    student = zero_dropout(patched(case))
+    original = zero_dropout(case.make())
+    ids = batch(6)
+    with torch.no_grad():
+        h_t = original(input_ids=ids, output_hidden_states=True).hidden_states
+        h_s = student(input_ids=ids, output_hidden_states=True).hidden_states
+    distance = hidden_state_distance(h_s, h_t, ids).item()
+    assert distance > 0
+
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    losses = []
+    for weight in (0.0, 2.0):
+        trainer = UptrainTrainer(
+            model=student,
+            args=args,
+            teacher=original,
+            distill_weight=0.5,
+            lm_weight=0.0,
+            hidden_weight=weight,
+        )
+        student.train()
+        losses.append(trainer.compute_loss(student, {"input_ids": ids, "labels": ids}).item())
+        kl = trainer._kl_sum / trainer._count
+    torch.testing.assert_close(losses[0], 0.5 * kl, rtol=1e-5, atol=1e-6)  # lm_weight=0: the KL term only
+    torch.testing.assert_close(losses[1] - losses[0], 2.0 * distance / (2 * 15), rtol=1e-4, atol=1e-6)
+
+
+# -- learning-rate schedule over a time budget -----------------------------------------------------------------
+def test_time_aware_lr_factor_closed_forms():
+    assert time_aware_lr_factor(5, 10, 100, 0.0, "cosine") == pytest.approx(0.5)  # warmup
+    assert time_aware_lr_factor(10, 10, 100, 0.0, "cosine") == pytest.approx(1.0)
+    assert time_aware_lr_factor(55, 10, 100, 0.0, "cosine") == pytest.approx(0.5)  # half the steps
+    assert time_aware_lr_factor(20, 10, 10_000, 0.5, "cosine") == pytest.approx(0.5)  # half the time
+    assert time_aware_lr_factor(20, 10, 10_000, 0.75, "linear") == pytest.approx(0.25)
+    assert time_aware_lr_factor(20, 10, 10_000, 1.0, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert time_aware_lr_factor(82, 10, 100, 0.5, "linear") == pytest.approx(0.2)  # steps run out first
+
+
+def test_time_limit_drives_the_trainer_lr_schedule(tmp_path):
+    """With a time budget, the Trainer's cosine schedule follows the fraction of the budget spent."""
+    from transformers import TrainingArguments
+
+    model = patched(CASES[0])
+    limit = TimeLimitCallback(max_seconds=100.0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_steps=10_000,
+    )
+    trainer = UptrainTrainer(model=model, args=args, time_limit=limit)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
+    limit.elapsed = 50.0
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(5e-4, rel=1e-3)
+    limit.elapsed = 100.0
+    trainer.lr_scheduler.step()
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_uptrain_stops_at_the_time_limit(tmp_path):
+    case = CASES[0]
+    rows_dir = tmp_path / "run"
+    uptrain(
+        patched(case),
+        byte_tokenizer(),
+        TEXTS * 4,
+        method="kv",
+        max_steps=1000,
+        block_size=32,
+        max_seconds=1e-6,
+        output_dir=rows_dir,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    rows = [json.loads(line) for line in (rows_dir / LOSS_LOG).read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 1
 
 
 # -- data ------------------------------------------------------------------------------------------------------
