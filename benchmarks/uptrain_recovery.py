@@ -111,7 +111,7 @@ def _curve_callback(tokenizer, eval_blocks, eval_steps: int, budget_s: float | N
         def on_step_end(self, args, state, control, model=None, **kwargs):
             self.train_s += time.perf_counter() - self.step_start
             over = budget_s is not None and self.train_s >= budget_s
-            last = over or state.global_step >= state.max_steps
+            last = over or control.should_training_stop or state.global_step >= state.max_steps
             if state.global_step % eval_steps == 0 or last:
                 self.evaluate(model, state.global_step, args.per_device_eval_batch_size)
             if over:
@@ -191,6 +191,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             teacher=teacher,
             distill_weight=spec["distill_weight"],
             temperature=spec["temperature"],
+            lm_weight=spec.get("lm_weight", 1.0),
+            hidden_weight=spec.get("hidden_weight", 0.0),
+            max_seconds=budget,
             lora_r=spec["lora_r"],
             block_size=spec["block_size"],
             learning_rate=spec["lr"],
@@ -347,6 +350,20 @@ def init_descriptions(runs: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+def loss_terms(run: dict[str, Any]) -> str:
+    """The training loss of a run, e.g. `LM + KL` or `KL + 1 x hidden`."""
+    if not run["teacher"]:
+        return "LM"
+    terms = []
+    for key, name, default in (("lm_weight", "LM", 1.0), ("distill_weight", "KL", 1.0)):
+        weight = run.get(key, default)
+        if weight:
+            terms.append(name if weight == 1.0 else f"{weight:g} x {name}")
+    if run.get("hidden_weight"):
+        terms.append(f"{run['hidden_weight']:g} x hidden")
+    return " + ".join(terms)
+
+
 def markdown(results: dict[str, Any]) -> str:
     original = results.get("original_perplexity")
     lines = [
@@ -363,9 +380,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}",
         f"- Machine: {', '.join(f'{k}: {v}' for k, v in results['machine'].items())}",
         "",
-        "| init | method | teacher | train text | lr | batch x block | threads | budget (min) | steps "
-        "| train tokens | train time (s) | train tok/s | peak RSS (MiB) | ppl start | ppl end | end / original |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| init | method | teacher | loss | train text | lr | schedule | batch x block | threads | budget (min) "
+        "| steps | train tokens | train time (s) | train tok/s | peak RSS (MiB) | ppl start | ppl end "
+        "| end / original |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         if run["method"] == "none":
@@ -378,7 +396,8 @@ def markdown(results: dict[str, Any]) -> str:
         tps = f"{run['train_tokens_per_second']:.0f}" if run.get("train_tokens_per_second") else "-"
         lines.append(
             f"| {run['init']['label']} | {run['method']} | {'yes' if run['teacher'] else 'no'} "
-            f"| {run.get('train_corpus', 'austen')} | {run['lr']:g} "
+            f"| {loss_terms(run)} | {run.get('train_corpus', 'austen')} | {run['lr']:g} "
+            f"| {run.get('scheduler', '-')} "
             f"| {run['batch_size'] * run['grad_accum']} x {run['block_size']} | {run.get('threads') or '-'} "
             f"| {run.get('minutes') or '-'} | {run['steps']} "
             f"| {run['train_tokens']} | {run['train_seconds']:.0f} | {tps} | {run['peak_rss_mib']:.0f} "
@@ -419,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--distill-weight", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--lm-weight", type=float, default=1.0, help="weight of the LM loss beside the KL")
+    parser.add_argument(
+        "--hidden-weight", type=float, default=0.0, help="weight of the per-layer hidden-state distance"
+    )
     parser.add_argument("--eval-steps", type=int, default=25, help="held-out evaluation every N steps")
     parser.add_argument("--eval-windows", type=int, default=20, help="held-out blocks scored")
     parser.add_argument("--eval-batch-size", type=int, default=4)
@@ -460,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         lora_r=args.lora_r,
         distill_weight=args.distill_weight,
         temperature=args.temperature,
+        lm_weight=args.lm_weight,
+        hidden_weight=args.hidden_weight,
         eval_steps=args.eval_steps,
         eval_windows=args.eval_windows,
         eval_batch_size=args.eval_batch_size,
