@@ -307,32 +307,48 @@ def write_results(results: dict[str, Any], out_dir: Path) -> None:
     (out_dir / f"{NAME}.md").write_text(markdown(results))
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def _label(run: dict[str, Any]) -> str:
+    label = f"{run_name(run)} / lr {run['lr']:g}" if run.get("lr") else run_name(run)
+    if run.get("scheduler", "constant_with_warmup") != "constant_with_warmup":
+        label += f" {run['scheduler']}"
+    return label
+
+
+def plot(results: dict[str, Any], path: Path, zoom_below: float = 60.0) -> None:
+    """Held-out perplexity against training tokens, one line per run: all runs (log scale) on the left, and the
+    runs that start below `zoom_below` on a linear scale on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
     original = results.get("original_perplexity")
     runs = [run for run in results["runs"] if run["method"] != "none" and run.get("curve")]
+    close = [run for run in runs if run["curve"][0]["perplexity"] < zoom_below]
+    fig, axes = plt.subplots(1, 2 if close else 1, figsize=(15 if close else 9, 5.5), squeeze=False)
     colors = plt.get_cmap("tab20").colors
-    for i, run in enumerate(runs):
-        xs = [p["train_tokens"] for p in run["curve"]]
-        ys = [p["perplexity"] for p in run["curve"]]
-        label = f"{run_name(run)} / lr {run['lr']:g}" if run.get("lr") else run_name(run)
-        ax.plot(xs, ys, marker="o", markersize=3, color=colors[i % len(colors)], label=label)
-    if original:
-        ax.axhline(original, color="black", linestyle="--", linewidth=1, label=f"original ({original:.1f})")
-        ax.axhline(1.3 * original, color="gray", linestyle=":", linewidth=1, label="1.3 x original")
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out perplexity (Wikipedia)")
-    ax.set_title("SmolLM2-135M, 3 -> 1 KV heads: uptraining")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, subset, log in ((axes[0][0], runs, True), *([(axes[0][1], close, False)] if close else [])):
+        for run in subset:
+            xs = [p["train_tokens"] for p in run["curve"]]
+            ys = [p["perplexity"] for p in run["curve"]]
+            color = colors[runs.index(run) % len(colors)]
+            ax.plot(xs, ys, marker="o", markersize=3, color=color, label=_label(run))
+        if original:
+            ax.axhline(
+                original, color="black", linestyle="--", linewidth=1, label=f"original ({original:.1f})"
+            )
+            ax.axhline(1.3 * original, color="gray", linestyle=":", linewidth=1, label="1.3 x original")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out perplexity (Wikipedia)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7 if log else 8)
+    axes[0][0].set_title("SmolLM2-135M, 3 -> 1 KV heads: uptraining (all runs)")
+    if close:
+        axes[0][1].set_title(f"runs starting below perplexity {zoom_below:g}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

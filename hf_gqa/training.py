@@ -22,8 +22,11 @@ Methods:
 
 Training is the stock `Trainer` (so `accelerate launch`, DDP, FSDP and DeepSpeed work through its arguments) with
 one change: with `teacher=`, the loss is `lm_weight * LM + distill_weight * T^2 * KL(teacher || student)` on the
-logits at temperature `T` (plus, with `hidden_weight`, a distance between every layer's output and the teacher's). Text is tokenised, joined with EOS between documents and packed into blocks of `block_size`
-tokens; held-out perplexity (`evaluate_perplexity`) uses the same packing.
+logits at temperature `T` (plus, with `hidden_weight`, a distance between every layer's output and the
+teacher's), computed in one fused pass (`distillation_loss`). With `max_seconds`, training stops after that much
+training time and the "linear" / "cosine" schedules decay over it. Text is tokenised, joined with EOS between
+documents and packed into blocks of `block_size` tokens; held-out perplexity (`evaluate_perplexity`) uses the
+same packing.
 """
 
 from __future__ import annotations

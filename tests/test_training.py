@@ -630,6 +630,7 @@ def test_two_process_cpu_run_finishes_and_saves(tmp_path):
     command += (
         f" --block-size 32 --batch-size 2 --eval-fraction 0.1 --out {out} --no-progress --logging-steps 1"
     )
+    command += " --teacher --max-minutes 60"  # distillation and the time budget's all-reduce across processes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(
@@ -642,6 +643,7 @@ def test_two_process_cpu_run_finishes_and_saves(tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]  # written once, by the main process
     assert train_rows[-1]["train_tokens"] == 3 * 2 * 2 * 32  # steps * batch * processes * block
+    assert all(r["distill_kl"] >= 0 for r in train_rows)
     assert json.loads((out / "uptrain_summary.json").read_text())["eval_step"] == 3
     base = hf_gqa.patch(AutoModelForCausalLM.from_pretrained(model_dir), groups=2)
     reloaded = PeftModel.from_pretrained(base, out).eval()
