@@ -822,7 +822,7 @@ def uptrain(
         max_seconds: stop after this much training time (evaluation excluded; at a step boundary, on every
             process together). The "linear" and "cosine" learning-rate schedules (cosine is the default) then decay
             to 0 at whichever comes first, `max_steps` or `max_seconds`, so a time-limited run still ends at a low
-            learning rate.
+            learning rate; warmup is then `min(10, max_steps // 20)` steps unless `warmup_steps` is given.
         callbacks: extra `TrainerCallback`s.
         training_args: any other `TrainingArguments` (`per_device_train_batch_size` (default 4),
             `gradient_accumulation_steps`, `weight_decay`, `lr_scheduler_type`, `warmup_steps`, `eval_steps`,
@@ -861,6 +861,9 @@ def uptrain(
     if eval_blocks is not None and max_eval_blocks is not None:
         eval_blocks = eval_blocks[:max_eval_blocks]
 
+    if max_seconds is not None:
+        # With a time budget, max_steps is a cap rather than a plan: warm up over a few steps, not max_steps // 20.
+        training_args.setdefault("warmup_steps", min(10, max(0, max_steps // 20)))
     trained, hooks, fused = prepare_for_method(
         model, method, lora_r, lora_alpha, lora_dropout, target_modules
     )

@@ -475,6 +475,14 @@ def test_time_limit_drives_the_trainer_lr_schedule(tmp_path):
 
 
 def test_uptrain_stops_at_the_time_limit(tmp_path):
+    from transformers import TrainerCallback
+
+    seen: dict[str, int] = {}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["warmup_steps"] = args.warmup_steps
+
     case = CASES[0]
     rows_dir = tmp_path / "run"
     uptrain(
@@ -485,12 +493,14 @@ def test_uptrain_stops_at_the_time_limit(tmp_path):
         max_steps=1000,
         block_size=32,
         max_seconds=1e-6,
+        callbacks=[Record()],
         output_dir=rows_dir,
         logging_steps=1,
         disable_tqdm=True,
     )
     rows = [json.loads(line) for line in (rows_dir / LOSS_LOG).read_text().splitlines()]
     assert max(r["step"] for r in rows) == 1
+    assert seen["warmup_steps"] == 10  # under a time budget, not max_steps // 20 = 50
 
 
 # -- data ------------------------------------------------------------------------------------------------------
