@@ -78,9 +78,9 @@ class RssSampler:
         self._thread.join()
 
 
-def _curve_callback(tokenizer, eval_blocks, eval_steps: int, budget_s: float | None, tokens_per_step: int):
+def _curve_callback(tokenizer, eval_blocks, eval_steps: int, tokens_per_step: int):
     """A TrainerCallback that scores held-out perplexity every `eval_steps` steps (excluded from the training
-    time it keeps) and stops training once that training time exceeds `budget_s`."""
+    time it keeps), and once more at the last step (`uptrain(max_seconds=...)`'s time limit or `max_steps`)."""
     from transformers import TrainerCallback
 
     from hf_gqa.training import evaluate_perplexity
@@ -110,12 +110,10 @@ def _curve_callback(tokenizer, eval_blocks, eval_steps: int, budget_s: float | N
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             self.train_s += time.perf_counter() - self.step_start
-            over = budget_s is not None and self.train_s >= budget_s
-            last = over or control.should_training_stop or state.global_step >= state.max_steps
+            # the time limit (uptrain's TimeLimitCallback, which runs before this callback) sets should_training_stop
+            last = control.should_training_stop or state.global_step >= state.max_steps
             if state.global_step % eval_steps == 0 or last:
                 self.evaluate(model, state.global_step, args.per_device_eval_batch_size)
-            if over:
-                control.should_training_stop = True
             return control
 
     return CurveCallback()
@@ -177,7 +175,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     )
     tokens_per_step = spec["batch_size"] * spec["grad_accum"] * spec["block_size"]
     budget = spec["minutes"] * 60 if spec.get("minutes") else None
-    curve = _curve_callback(tokenizer, eval_blocks, spec["eval_steps"], budget, tokens_per_step)
+    curve = _curve_callback(tokenizer, eval_blocks, spec["eval_steps"], tokens_per_step)
     curve.evaluate(student, 0, spec["eval_batch_size"])
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

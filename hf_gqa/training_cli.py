@@ -103,8 +103,8 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     train.add_argument("--warmup-steps", type=int)
     train.add_argument(
         "--scheduler",
-        default="cosine",
-        help="lr_scheduler_type of transformers (cosine, linear, constant, constant_with_warmup, ...)",
+        dest="lr_scheduler_type",
+        help="lr_scheduler_type of transformers (default cosine; linear, constant, constant_with_warmup, ...)",
     )
     train.add_argument("--eval-steps", type=int)
     train.add_argument("--logging-steps", type=int)
@@ -253,11 +253,10 @@ def _training_args(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         bf16=args.bf16,
         disable_tqdm=args.no_progress,
-        lr_scheduler_type=args.scheduler,
     )
     if args.gradient_checkpointing:
         values["gradient_checkpointing"] = True
-    for name in ("warmup_steps", "eval_steps", "logging_steps"):
+    for name in ("warmup_steps", "eval_steps", "logging_steps", "lr_scheduler_type"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return values
