@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .refine import _call, relative_error
+from .refine import call_output, relative_error
 
 
 def divisors(n: int) -> list[int]:
@@ -25,7 +25,7 @@ def block_error(
 ) -> float:
     """Relative squared error of `converted`'s output against `original`'s on captured inputs."""
     with torch.no_grad():
-        targets = [_call(original, args, kwargs) for args, kwargs in inputs]
+        targets = [call_output(original, args, kwargs) for args, kwargs in inputs]
     return relative_error(converted, inputs, targets)
 
 

@@ -16,7 +16,8 @@ def _output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _call(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+def call_output(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """`module(*args, **kwargs)`'s main output (the first element where it returns a tuple)."""
     return _output(module(*args, **kwargs))
 
 
@@ -43,7 +44,7 @@ def relative_error(module: nn.Module, inputs: list[tuple[tuple, dict]], targets:
     num = den = 0.0
     with torch.no_grad():
         for (args, kwargs), target in zip(inputs, targets):
-            num += float(((_call(module, args, kwargs).float() - target.float()) ** 2).sum())
+            num += float(((call_output(module, args, kwargs).float() - target.float()) ** 2).sum())
             den += float((target.float() ** 2).sum())
     return num / max(den, 1e-30)
 
@@ -79,7 +80,7 @@ def refine_module(
     converted.eval()
     if targets is None:
         with torch.no_grad():
-            targets = [_call(original, a, k).float() for a, k in inputs]
+            targets = [call_output(original, a, k).float() for a, k in inputs]
     targets = [t.float() for t in targets]
     grads = [p.requires_grad for p in params]
     for p in params:
@@ -102,7 +103,7 @@ def refine_module(
         batch = targets[i].shape[0]
         row = int(torch.randint(batch, (1,), generator=g))
         args, kwargs, target = _rows(args, row, batch), _rows(kwargs, row, batch), targets[i][row : row + 1]
-        out = _call(converted, args, kwargs).float()
+        out = call_output(converted, args, kwargs).float()
         loss = ((out - target) ** 2).sum() / (target**2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -89,6 +89,8 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     data.add_argument("--max-eval-blocks", type=int, help="evaluate on at most this many blocks")
     data.add_argument("--block-size", type=int, default=512, help="tokens per packed training block")
     train = p.add_argument_group("training")
+    # hf_gqa.training.METHODS, spelled out so that building the parser does not import the Trainer (a test
+    # keeps the two equal)
     train.add_argument("--method", default="lora", choices=["lora", "kv", "attention", "full"])
     train.add_argument("--steps", type=int, default=100, help="optimiser steps")
     train.add_argument(

@@ -236,3 +236,15 @@ def test_error_unknown_task_lists_the_available_ones(model_dir, capsys):
     assert "unknown task 'hf_gqa_wikipeda'" in err and "did you mean: hf_gqa_wikipedia" in err
     for name in ("hf_gqa_wikipedia", "hf_gqa_hellaswag", "hf_gqa_arc_easy", "hf_gqa_winogrande"):
         assert name in err
+
+
+def test_uptrain_method_choices_match_training_methods():
+    """`hf-gqa uptrain --method` lists its choices without importing the Trainer: they must stay
+    `hf_gqa.training.METHODS`."""
+    from hf_gqa.cli import build_parser
+    from hf_gqa.training import METHODS
+
+    parser = build_parser()
+    uptrain = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "uptrain")[1]
+    method = next(a for a in uptrain._actions if a.dest == "method")
+    assert tuple(method.choices) == METHODS

@@ -299,3 +299,23 @@ def test_bench_times_original_patched_and_native(lockstep):
     assert [s["groups"] for s in summary] == [2, 1] and summary[0]["decode_patched_over_native"] > 0
     assert not hf_gqa.is_patched(model)
     assert "patched / native" in result.to_markdown()
+
+
+def test_report_of_the_original_alone_lists_its_scores():
+    """`hf-gqa eval --groups <the model's own KV heads>` scores one model: the quality table shows its scores
+    (there is no before/after to compare)."""
+    from hf_gqa.evaluation.report import Report, Score, VariantResult
+
+    original = VariantResult(
+        name="original",
+        groups=None,
+        kv_heads=[1, 1],
+        kv_bytes_per_token=1024,
+        scores={"hf_gqa_arc_easy": {"acc": Score(0.446), "acc_norm": Score(0.338, 0.02)}},
+    )
+    report = Report([original], higher_is_better={"hf_gqa_arc_easy": {"acc": True, "acc_norm": True}})
+    lines = [line for line in report.to_markdown().splitlines() if line.startswith("| hf_gqa_arc_easy")]
+    assert len(lines) == 2
+    assert "acc ↑" in lines[0] and "0.446" in lines[0]
+    assert "acc_norm ↑" in lines[1] and "0.338" in lines[1] and "0.02" in lines[1]
+    assert "0.446" in str(report)

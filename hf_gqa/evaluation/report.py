@@ -143,13 +143,24 @@ class Report:
         return next(iter(metrics), None)
 
     # -- text -----------------------------------------------------------------------------------------------------
+    def _direction(self, task: str, metric: str) -> str:
+        higher = self.higher_is_better.get(task, {}).get(metric.split(" ")[0])
+        return "" if higher is None else (" ↑" if higher else " ↓")
+
     def _quality_table(self, markdown: bool) -> str:
+        if len(self.variants) == 1:  # the original alone (e.g. scoring a saved conversion): its scores
+            headers = ["task", "metric", self.original.name]
+            rows = [
+                [task, metric + self._direction(task, metric), _fmt_value(score.value, score.stderr)]
+                for task, metrics in self.original.scores.items()
+                for metric, score in metrics.items()
+            ]
+            return format_table(headers, rows, markdown)
         headers = ["task", "metric", "variant", "before", "after", "delta"]
         rows = [
             [
                 r["task"],
-                r["metric"]
-                + ("" if r["higher_is_better"] is None else (" ↑" if r["higher_is_better"] else " ↓")),
+                r["metric"] + self._direction(r["task"], r["metric"]),
                 r["variant"],
                 _fmt_value(r["before"], r["stderr_before"]),
                 _fmt_value(r["after"], r["stderr_after"]),
