@@ -244,7 +244,6 @@ def test_uptrain_method_choices_match_training_methods():
     from hf_gqa.cli import build_parser
     from hf_gqa.training import METHODS
 
-    parser = build_parser()
-    uptrain = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "uptrain")[1]
+    uptrain = build_parser()._subparsers._group_actions[0].choices["uptrain"]
     method = next(a for a in uptrain._actions if a.dest == "method")
     assert tuple(method.choices) == METHODS

@@ -102,7 +102,7 @@ class Report:
                             "delta": delta,
                             "stderr_before": before.stderr,
                             "stderr_after": after.stderr,
-                            "higher_is_better": self.higher_is_better.get(task, {}).get(metric.split(" ")[0]),
+                            "higher_is_better": self._higher_is_better(task, metric),
                         }
                     )
         return rows
@@ -143,15 +143,22 @@ class Report:
         return next(iter(metrics), None)
 
     # -- text -----------------------------------------------------------------------------------------------------
-    def _direction(self, task: str, metric: str) -> str:
-        higher = self.higher_is_better.get(task, {}).get(metric.split(" ")[0])
-        return "" if higher is None else (" ↑" if higher else " ↓")
+    def _higher_is_better(self, task: str, metric: str) -> bool | None:
+        return self.higher_is_better.get(task, {}).get(metric.split(" ")[0])
+
+    @staticmethod
+    def _arrow(higher_is_better: bool | None) -> str:
+        return "" if higher_is_better is None else (" ↑" if higher_is_better else " ↓")
 
     def _quality_table(self, markdown: bool) -> str:
         if len(self.variants) == 1:  # the original alone (e.g. scoring a saved conversion): its scores
             headers = ["task", "metric", self.original.name]
             rows = [
-                [task, metric + self._direction(task, metric), _fmt_value(score.value, score.stderr)]
+                [
+                    task,
+                    metric + self._arrow(self._higher_is_better(task, metric)),
+                    _fmt_value(score.value, score.stderr),
+                ]
                 for task, metrics in self.original.scores.items()
                 for metric, score in metrics.items()
             ]
@@ -160,7 +167,7 @@ class Report:
         rows = [
             [
                 r["task"],
-                r["metric"] + self._direction(r["task"], r["metric"]),
+                r["metric"] + self._arrow(r["higher_is_better"]),
                 r["variant"],
                 _fmt_value(r["before"], r["stderr_before"]),
                 _fmt_value(r["after"], r["stderr_after"]),
