@@ -8,10 +8,10 @@ memory in bytes. `install_cache` makes `generate()` create one when the caller p
 
 from __future__ import annotations
 
-import types
-
 import torch
 from transformers import DynamicCache, PreTrainedModel
+
+from . import compat
 
 
 class GQACache(DynamicCache):
@@ -53,19 +53,28 @@ def kv_bytes_per_token(kv_heads: list[int], head_dim: int | list[int], dtype: to
     return [2 * h * d * itemsize for h, d in zip(kv_heads, dims)]
 
 
-def _prepare_gqa_cache(self: PreTrainedModel, generation_config, model_kwargs: dict, *args, **kwargs):
-    """`generate()`'s cache preparation, with a `GQACache` wherever transformers would make a `DynamicCache`."""
-    result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-    cache = model_kwargs.get("past_key_values")
-    if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-        model_kwargs["past_key_values"] = GQACache(config=self.config.get_text_config(decoder=True))
-    return result
+class GQACacheHook:
+    """`generate()`'s cache preparation for one model, with a `GQACache` wherever transformers would make a plain
+    `DynamicCache` (so no cache passed by the caller, and no `cache_implementation` asked for).
+
+    An object rather than a bound method, so that a patched model pickles (`torch.save(model)`) and deep-copies:
+    it holds the model it serves and calls the model class's own `_prepare_cache_for_generation`.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+
+    def __call__(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        model = self.model
+        result = type(model)._prepare_cache_for_generation(
+            model, generation_config, model_kwargs, *args, **kwargs
+        )
+        cache = compat.model_kwargs_cache(model_kwargs)
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs[compat.CACHE_KWARG] = GQACache(config=model.config.get_text_config(decoder=True))
+        return result
 
 
 def install_cache(model: PreTrainedModel) -> None:
     """Make `model.generate()` use a `GQACache` unless the caller passes a cache or a cache implementation."""
-    model._prepare_cache_for_generation = types.MethodType(_prepare_gqa_cache, model)
-
-
-def uninstall_cache(model: PreTrainedModel) -> None:
-    model.__dict__.pop("_prepare_cache_for_generation", None)
+    model._prepare_cache_for_generation = GQACacheHook(model)

@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .errors import GQAError
 
 TextLike = str | Sequence[str]
 
@@ -57,32 +60,31 @@ def calibration_blocks(
     num_tokens: int = 8192,
     block_size: int = 512,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Token blocks `[n_blocks, block_size]` for calibration.
 
     Args:
         data: a text, an iterable of texts (or a `datasets.Dataset` with a `"text"` column, which needs
-            `tokenizer`), or token ids (`[n]` or `[batch, seq]` tensor or nested lists).
+            `tokenizer`), or token ids (`[n]` or `[batch, seq]` tensor or numpy array, or nested lists of ints).
         num_tokens: tokens to use (rounded down to whole blocks); blocks are drawn at random positions of the
             concatenated stream, deterministically under `seed`.
+        vocab_size: the model's vocabulary size; token ids outside `[0, vocab_size)` are refused.
+
+    Raises:
+        GQAError: too little data, ids outside the vocabulary, or text without a tokenizer.
     """
-    if isinstance(data, torch.Tensor):
-        stream = data.reshape(-1).long()
-    elif isinstance(data, (list, tuple)) and data and isinstance(data[0], (int, list, tuple)):
-        stream = torch.tensor([t for row in data for t in (row if isinstance(row, (list, tuple)) else [row])])
-    else:
-        if tokenizer is None:
-            raise ValueError("Calibration text needs a tokenizer: pass tokenizer=... (or pass token ids).")
-        texts = _texts(data)
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        ids: list[int] = []
-        for text in texts:
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
-            if len(ids) >= 4 * num_tokens:
-                break
-        stream = torch.tensor(ids, dtype=torch.long)
+    stream = _token_stream(data, tokenizer, num_tokens)
+    if stream.numel() and (
+        int(stream.min()) < 0 or (vocab_size is not None and int(stream.max()) >= vocab_size)
+    ):
+        raise GQAError(
+            f"Calibration token ids must lie in [0, {vocab_size}) (the model's vocabulary), got ids from "
+            f"{int(stream.min())} to {int(stream.max())}. Tokenize with the model's own tokenizer, or pass text "
+            "with tokenizer=..."
+        )
     if stream.numel() < block_size:
-        raise ValueError(
+        raise GQAError(
             f"Calibration data has {stream.numel()} tokens; need at least block_size={block_size}."
         )
     n_blocks = max(1, min(num_tokens // block_size, stream.numel() // block_size))
@@ -93,6 +95,27 @@ def calibration_blocks(
     else:
         starts = torch.randperm(starts_all, generator=g)[:n_blocks].sort().values
     return torch.stack([stream[s : s + block_size] for s in starts.tolist()])
+
+
+def _token_stream(data, tokenizer, num_tokens: int) -> torch.Tensor:
+    """Calibration data as one stream of token ids `[n]` (text is tokenized, up to `4 * num_tokens` ids)."""
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if isinstance(data, torch.Tensor):
+        if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+            raise GQAError(f"Calibration token ids must be integers, got a tensor of {data.dtype}.")
+        return data.reshape(-1).long()
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], (int, list, tuple)):
+        return torch.tensor([t for row in data for t in (row if isinstance(row, (list, tuple)) else [row])])
+    if tokenizer is None:
+        raise GQAError("Calibration text needs a tokenizer: pass tokenizer=... (or pass token ids).")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in _texts(data):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
+        if len(ids) >= 4 * num_tokens:
+            break
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def _texts(data) -> list[str]:

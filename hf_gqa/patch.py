@@ -6,6 +6,7 @@ anything fails, so a failed call leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from transformers import PreTrainedModel
 
 from . import attention
 from .architectures import AttentionAdapter, get_adapter
+from .architectures.shared import SUPPORTED_IMPLEMENTATIONS
 from .budget import choose_heads
 from .cache import install_cache
 from .calibration import calibration_blocks
@@ -110,32 +112,35 @@ def patch(
     Raises:
         GroupsError, UnsupportedArchitectureError, UnconvertibleWeightsError: before any weight is touched.
     """
-    merge, refine_steps = _resolve_merge(
-        merge, refine_steps, calibrated=calibration is not None or stats is not None
-    )
+    calibrated = calibration is not None or stats is not None
+    _check_options(calibration_tokens, block_size, batch_size, refine_steps, kv_budget, groups)
+    adapter = _adapter_for(model)
+    attn_implementation = _check_attn_implementation(model, attn_implementation)
+    merge, refine_steps = _resolve_merge(merge, refine_steps, calibrated, adapter, model)
     merge_fn = get_merge(merge)
     grouping_fn = get_grouping(grouping)
-    adapter = _adapter_for(model)
     auto = isinstance(groups, str)
     if auto and (groups != "auto" or kv_budget is None or calibration is None):
         raise GroupsError(
             f"groups={groups!r}: use groups='auto' together with kv_budget=<fraction of the KV cache to keep> "
             "and calibration=texts, tokenizer=tokenizer; or give an int or a per-layer list."
         )
-    if kv_budget is not None and not auto:
-        raise GroupsError("kv_budget goes with groups='auto'.")
     if auto:
         modules = adapter.attention_modules(model)
         groups = [adapter.num_kv_heads(m) for _, m in modules]
     plans = plan_layers(model, adapter, groups, allow_meta=_allow_meta)
     if merge in CALIBRATED_MERGES or grouping in CALIBRATED_GROUPINGS or refine_steps:
-        if calibration is None and stats is None:
+        if not calibrated:
             raise GQAError(
                 f"merge={merge!r} / grouping={grouping!r} need calibration data: pass calibration=texts, "
                 "tokenizer=tokenizer (or merge='mean', which needs none)."
             )
-    elif calibration is None and stats is None:
+    elif not calibrated:
         _notice_once()
+    if calibration is not None:
+        blocks = calibration_blocks(
+            calibration, tokenizer, calibration_tokens, block_size, seed, vocab_size=_vocab_size(model)
+        )
 
     def convert_layer(plan: LayerPlan, layer_stats: object | None) -> nn.Module:
         weights = convert_weights(
@@ -143,36 +148,40 @@ def patch(
         )
         return adapter.build(plan.module, weights)
 
-    if calibration is not None:
-        blocks = calibration_blocks(calibration, tokenizer, calibration_tokens, block_size, seed)
-    if auto:
-        errors = layer_sensitivity(model, plans, convert_layer, blocks, batch_size, show_progress)
-        heads = choose_heads(
-            errors, [p.kv_heads_before for p in plans], [p.head_dim for p in plans], kv_budget
-        )
-        plans = plan_layers(model, adapter, heads, allow_meta=_allow_meta)
-        logger.info("hf_gqa: KV heads per layer under kv_budget=%s: %s", kv_budget, heads)
-    if calibration is not None:
-        replacements, logs = convert_calibrated(
-            model,
-            adapter,
-            plans,
-            convert_layer,
-            blocks,
-            batch_size,
-            sequential,
-            refine_steps or 0,
-            refine_lr,
-            show_progress,
-            refine_target,
-            refine_scope,
-        )
-    else:
-        replacements, logs = [], []
-        for plan in plans:
-            parent_name, _, attr = plan.name.rpartition(".")
-            new = convert_layer(plan, (stats or {}).get(plan.name))
-            replacements.append((model.get_submodule(parent_name), attr, plan.module, new))
+    modes = _eval_mode(model)  # calibration, refinement and sensitivity run without dropout
+    try:
+        if auto:
+            errors = layer_sensitivity(model, plans, convert_layer, blocks, batch_size, show_progress)
+            heads = choose_heads(
+                errors, [p.kv_heads_before for p in plans], [p.head_dim for p in plans], kv_budget
+            )
+            plans = plan_layers(model, adapter, heads, allow_meta=_allow_meta)
+            logger.info("hf_gqa: KV heads per layer under kv_budget=%s: %s", kv_budget, heads)
+        if calibration is not None:
+            replacements, logs = convert_calibrated(
+                model,
+                adapter,
+                plans,
+                convert_layer,
+                blocks,
+                batch_size,
+                sequential,
+                refine_steps or 0,
+                refine_lr,
+                show_progress,
+                refine_target,
+                refine_scope,
+            )
+        else:
+            replacements, logs = [], []
+            for plan in plans:
+                parent_name, _, attr = plan.name.rpartition(".")
+                new = convert_layer(plan, (stats or {}).get(plan.name))
+                replacements.append((model.get_submodule(parent_name), attr, plan.module, new))
+    finally:
+        _restore_modes(model, modes)
+    for _, _, old, new in replacements:
+        _copy_modes(old, new)
 
     config = model.config.get_text_config(decoder=True)
     kv_after = [p.kv_heads_after for p in plans]
@@ -180,7 +189,7 @@ def patch(
     updates[META_KEY] = _metadata(
         config, adapter, plans, merge if not refine_steps else f"{merge}+refine", grouping
     )
-    _apply(model, config, replacements, updates)
+    _apply(model, replacements, updates)
 
     model._hf_gqa_conversion_log = logs
     forget_gguf_quantizer(model)
@@ -189,13 +198,39 @@ def patch(
     return model
 
 
-def _resolve_merge(merge, refine_steps: int | None, calibrated: bool) -> tuple[str | MergeFn, int | None]:
-    """`merge=None` means the best method the inputs allow; `"refine"` is `"score"` plus refinement steps."""
-    if merge is None:
+def _resolve_merge(
+    merge, refine_steps: int | None, calibrated: bool, adapter: AttentionAdapter, model: PreTrainedModel
+) -> tuple[str | MergeFn, int | None]:
+    """`merge=None` means the best method the inputs allow; `"refine"` is `"score"` plus refinement steps.
+
+    The activation-aware merges fold maps through the query/key projections. Where the model forbids that (a
+    per-head key norm, clipped q/k/v), the calibrated default refines a mean-pooled start instead, and an explicit
+    request for such a merge is refused here, before any data is read, naming what the caller asked for.
+    """
+    default = merge is None
+    if default:
         merge = DEFAULT_CALIBRATED_MERGE if calibrated else "mean"
+    asked = f"merge={merge!r}" + (" (the default with calibration data)" if default else "")
+    folding = merge == "refine" or merge in CALIBRATED_MERGES
+    blocker = _fold_blocker(adapter, model) if folding else None
+    if blocker and default:
+        logger.info("hf_gqa: %s cannot fold maps through %s; refining a mean-pooled start.", asked, blocker)
+        return "mean", DEFAULT_REFINE_STEPS if refine_steps is None else refine_steps
+    if blocker:
+        raise GQAError(
+            f"{asked} cannot fold maps through the query/key projections of this {adapter.family} model: its "
+            f"{blocker} forbids it. Use merge='mean' with refine_steps=100 (mean pooling fitted on the "
+            "calibration data), or merge='mean' / 'first' without calibration."
+        )
     if merge == "refine":
         return "score", DEFAULT_REFINE_STEPS if refine_steps is None else refine_steps
     return merge, refine_steps
+
+
+def _fold_blocker(adapter: AttentionAdapter, model: PreTrainedModel) -> str | None:
+    """Why maps cannot be folded through the model's q/k/v projections, or None (see `fold_blocker`)."""
+    modules = adapter.attention_modules(model)
+    return adapter.fold_blocker(modules[0][1]) if modules else None
 
 
 _NOTICE_SHOWN = False
@@ -209,6 +244,82 @@ def _notice_once() -> None:
             "hf_gqa: converting by mean pooling (no calibration data); for a model that keeps working before "
             "uptraining pass calibration=texts, tokenizer=tokenizer."
         )
+
+
+def _check_options(
+    calibration_tokens: int,
+    block_size: int,
+    batch_size: int,
+    refine_steps: int | None,
+    kv_budget: object,
+    groups: object,
+) -> None:
+    """Reject bad numeric options before anything is read or run."""
+    for name, value in (
+        ("calibration_tokens", calibration_tokens),
+        ("block_size", block_size),
+        ("batch_size", batch_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GQAError(f"{name} must be a positive int, got {value!r}.")
+    if refine_steps is not None and (
+        isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0
+    ):
+        raise GQAError(f"refine_steps must be an int >= 0, got {refine_steps!r}.")
+    if kv_budget is not None:
+        if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)) or not 0 < kv_budget <= 1:
+            raise GroupsError(
+                f"kv_budget must be a number in (0, 1] (the fraction of the KV cache to keep), got {kv_budget!r}."
+            )
+        if groups != "auto":
+            raise GroupsError("kv_budget goes with groups='auto'.")
+
+
+def _check_attn_implementation(model: PreTrainedModel, requested: object) -> str | None:
+    """Validate `attn_implementation` before conversion: a name this model can run (installed, registered)."""
+    if requested is None:
+        return None
+    if not isinstance(requested, str):
+        raise GQAError(
+            f"attn_implementation must be a string such as 'sdpa', 'eager' or {attention.ATTN_IMPLEMENTATION!r}, "
+            f"got {requested!r}."
+        )
+    if not type(model)._can_set_attn_implementation():  # our own modules dispatch (Falcon, Bloom, GPT-J 5.23)
+        if requested not in SUPPORTED_IMPLEMENTATIONS:
+            raise GQAError(
+                f"attn_implementation={requested!r} is not available for {type(model).__name__}; choose one of "
+                f"{[i for i in SUPPORTED_IMPLEMENTATIONS if i]}."
+            )
+        return requested
+    try:
+        return model.get_correct_attn_implementation(requested)
+    except (ValueError, ImportError) as err:
+        raise GQAError(f"attn_implementation={requested!r} cannot be used with this model: {err}") from err
+
+
+def _vocab_size(model: PreTrainedModel) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def _eval_mode(model: nn.Module) -> dict[str, bool]:
+    """Put `model` in eval mode; return each submodule's former `training` flag by name."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    return modes
+
+
+def _restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    for name, m in model.named_modules():
+        if name in modes:
+            m.training = modes[name]
+
+
+def _copy_modes(old: nn.Module, new: nn.Module) -> None:
+    """Give a replacement module (and its new submodules) the train/eval mode of the module it replaces."""
+    old_modes = {name: m.training for name, m in old.named_modules()}
+    for name, m in new.named_modules():
+        m.training = old_modes.get(name, old.training)
 
 
 def _adapter_for(model: PreTrainedModel) -> AttentionAdapter:
@@ -281,7 +392,8 @@ def _check_groups(layer: int, g: int, heads: int, kv: int) -> None:
 
 
 def _is_quantized_module(module: nn.Module) -> bool:
-    names = {type(m).__name__ for m in module.modules()}
+    """Whether `module` holds quantized layers: bitsandbytes, GPTQ/AWQ, FP8, or torch's own
+    (`torch.ao.quantization.quantize_dynamic`, whose `Linear.weight` is a method, not a tensor)."""
     quantized_names = (
         "Linear8bitLt",
         "Linear4bit",
@@ -291,7 +403,22 @@ def _is_quantized_module(module: nn.Module) -> bool:
         "QuantizedLinear",
         "FP8Linear",
     )
-    return any(n.startswith(quantized_names) or "Quant" in n for n in names)
+    for m in module.modules():
+        name = type(m).__name__
+        if name.startswith(quantized_names) or "Quant" in name:
+            return True
+        if ".quantized" in type(m).__module__ or callable(getattr(m, "weight", None)):
+            return True
+    return False
+
+
+def _lora_wrapped(module: nn.Module) -> str | None:
+    """The qualified name of a PEFT adapter layer inside `module`, or None."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return None
+    return next((name for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)), None)
 
 
 def _is_dequantized_gguf(model: PreTrainedModel) -> bool:
@@ -324,6 +451,12 @@ def _check_weights(
             raise UnconvertibleWeightsError(
                 f"{name} holds quantized layers; load the model unquantized, patch, then quantize."
             )
+        adapter_layer = _lora_wrapped(module)
+        if adapter_layer is not None:
+            raise UnconvertibleWeightsError(
+                f"{name}.{adapter_layer} is a PEFT adapter layer: converting it would drop the trained adapter. "
+                "Merge the adapters first (model = peft_model.merge_and_unload()), then patch."
+            )
         for pname, p in module.named_parameters():
             if p.device.type == "meta" and not allow_meta:
                 raise UnconvertibleWeightsError(
@@ -334,6 +467,11 @@ def _check_weights(
                 raise UnconvertibleWeightsError(
                     f"{name}.{pname} has dtype {p.dtype}; hf_gqa converts floating-point weights only. Load the "
                     "model unquantized, patch, then quantize."
+                )
+            if p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+                raise UnconvertibleWeightsError(
+                    f"{name}.{pname} holds NaN or infinite values; merging them would spread them to every head "
+                    "of the group. Check the checkpoint (or the dtype it was loaded in) before patching."
                 )
 
 
@@ -366,38 +504,60 @@ def _metadata(config, adapter: AttentionAdapter, plans: list[LayerPlan], merge, 
     }
 
 
-def _apply(model, config, replacements, updates: dict[str, object]) -> None:
-    """Swap every module and set every config attribute, or roll everything back."""
-    missing = object()
-    old_config = {k: getattr(config, k, missing) for k in updates}
+def _own_config(model: PreTrainedModel) -> list[tuple[dict, str, object]]:
+    """Give `model` a config object of its own (a deep copy), so that conversion never writes into a config that
+    another model shares (two models built from one config object). Every module attribute that held the old
+    config, or one of its sub-configs, now holds the copy's. Returns `(module __dict__, key, old value)` to undo."""
+    old = model.config
+    new = copy.deepcopy(old)
+    mapping = {id(old): new}
+    old_text, new_text = old.get_text_config(decoder=True), new.get_text_config(decoder=True)
+    mapping[id(old_text)] = new_text
+    for key in getattr(old, "sub_configs", {}) or {}:
+        if getattr(old, key, None) is not None:
+            mapping[id(getattr(old, key))] = getattr(new, key)
+    undo = []
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if id(value) in mapping:
+                undo.append((vars(module), key, value))
+                vars(module)[key] = mapping[id(value)]
+    return undo
+
+
+def _apply(model: PreTrainedModel, replacements, updates: dict[str, object]) -> None:
+    """Swap every module and set every config attribute (on a config the model owns alone), or roll it all back."""
     done = []
+    undo_config: list[tuple[dict, str, object]] = []
     try:
         for parent, attr, old, new in replacements:
             setattr(parent, attr, new)
             done.append((parent, attr, old))
+        undo_config = _own_config(model)
+        config = model.config.get_text_config(decoder=True)
         for key, value in updates.items():
             setattr(config, key, value)
     except Exception:
-        for parent, attr, old in done:
+        for parent, attr, old in reversed(done):
             setattr(parent, attr, old)
-        for key, value in old_config.items():
-            if value is missing:
-                config.__dict__.pop(key, None)
-            else:
-                setattr(config, key, value)
+        for owner, key, value in undo_config:
+            owner[key] = value
         raise
 
 
 def _set_attention(model: PreTrainedModel, attn_implementation: str | None) -> None:
+    """Set the (already validated) attention implementation; by default move `"sdpa"` to `"hf_gqa_sdpa"`."""
     current = getattr(model.config, "_attn_implementation", None)
-    if attn_implementation is None and not type(model)._can_set_attn_implementation():
-        return  # families with their own attention code (GPT-J, Falcon, Bloom) dispatch in our modules
-    target = attn_implementation or (attention.ATTN_IMPLEMENTATION if current == "sdpa" else None)
-    if target and target != current:
-        try:
-            model.set_attn_implementation(target)
-        except (ValueError, ImportError) as err:  # a family whose modules do not use the shared interface
-            logger.debug("kept attention implementation %s: %s", current, err)
+    settable = type(model)._can_set_attn_implementation()
+    target = attn_implementation or (
+        attention.ATTN_IMPLEMENTATION if current == "sdpa" and settable else None
+    )
+    if not target or target == current:
+        return
+    if settable:
+        model.set_attn_implementation(target)
+    else:  # families whose own attention code (ours, after patching) reads the config directly
+        model.config._attn_implementation = target
 
 
 def is_patched(model: PreTrainedModel) -> bool:

@@ -54,6 +54,11 @@ class AttentionAdapter:
         """Raise `UnsupportedArchitectureError` for configurations of this family that cannot be converted."""
 
     # -- per module ------------------------------------------------------------------------------------------
+    def fold_blocker(self, module: nn.Module) -> str | None:
+        """Why maps cannot be folded through `module`'s q/k/v projections (the activation-aware merges need
+        that), or None where they can."""
+        return None
+
     def num_heads(self, module: nn.Module) -> int:
         raise NotImplementedError
 

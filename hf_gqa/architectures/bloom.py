@@ -19,16 +19,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.bloom.modeling_bloom import BloomAttention, dropout_add
 
+from .. import compat
 from ..attention import gqa_sdpa_attention_forward
 from ..canonical import AttentionWeights, join_out_heads
 from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter, new_linear, shallow_clone
 from .falcon import join_grouped_qkv, read_grouped_fused, split_grouped_states
-from .gptj import SUPPORTED_IMPLEMENTATIONS, additive_mask
+from .shared import SUPPORTED_IMPLEMENTATIONS, additive_mask
 
 
 def alibi_sdpa_mask(
@@ -74,7 +74,6 @@ class BloomGQAAttention(BloomAttention):
         residual: torch.Tensor,
         alibi: torch.Tensor,
         attention_mask: torch.Tensor,
-        layer_past: Cache | None = None,
         use_cache: bool = False,
         output_attentions: bool = False,
         **kwargs,
@@ -82,14 +81,15 @@ class BloomGQAAttention(BloomAttention):
         """`hidden_states [b, s, hidden]` (+ `residual`) -> `(output [b, s, hidden], probs [b, H, s, k] or None)`.
 
         `alibi`: `[b * H, 1, k]`; `attention_mask`: `[b, 1, s, k]`, additive float for eager, boolean or None
-        for SDPA. The cache receives keys and values `[b, K, s, d]`.
+        for SDPA. The cache (`layer_past=`) receives keys and values `[b, K, s, d]`.
         """
+        cache = compat.pop_cache(kwargs)
         batch_size, q_length, _ = hidden_states.shape
         fused_qkv = self.query_key_value(hidden_states)
         query, key, value = split_grouped_states(fused_qkv, self.num_heads, self.num_kv_heads, self.head_dim)
 
-        if layer_past is not None:
-            key, value = layer_past.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = compat.update_cache(cache, key, value, self.layer_idx, kwargs)
 
         # BloomAttention keeps no config: the mask tells which implementation the model built it for (eager masks
         # are additive floats; SDPA masks are boolean, or None for plain causal attention).

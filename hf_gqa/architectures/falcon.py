@@ -32,15 +32,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.falcon.modeling_falcon import FalconAttention, apply_rotary_pos_emb
 
+from .. import compat
 from ..attention import gqa_sdpa_attention_forward
 from ..canonical import AttentionWeights, RotarySpec, join_out_heads, split_out_heads
 from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter, new_linear, shallow_clone
-from .gptj import SUPPORTED_IMPLEMENTATIONS, additive_mask, uses_sdpa
+from .shared import SUPPORTED_IMPLEMENTATIONS, additive_mask, uses_sdpa
 
 # -- the grouped fused layout, shared with Bloom ----------------------------------------------------------------
 
@@ -153,7 +153,6 @@ class FalconGQAAttention(FalconAttention):
         alibi: torch.Tensor | None,
         attention_mask: torch.Tensor,
         position_ids: torch.LongTensor | None = None,
-        layer_past: Cache | None = None,
         use_cache: bool = False,
         output_attentions: bool = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -163,8 +162,10 @@ class FalconGQAAttention(FalconAttention):
 
         `alibi`: `[b * H, 1, k]` or None (rotary, with `position_embeddings` `(cos, sin)` `[b, s, d]`).
         `attention_mask`: `[b, 1 or H, s, k]`; boolean under SDPA for rotary models, additive float otherwise
-        (with ALiBi folded in when `alibi` is given). The cache receives keys and values `[b, K, s, d]`.
+        (with ALiBi folded in when `alibi` is given). The cache (`layer_past=`) receives keys and values
+        `[b, K, s, d]`.
         """
+        cache = compat.pop_cache(kwargs)
         fused_qkv = self.query_key_value(hidden_states)
         query, key, value = split_grouped_states(fused_qkv, self.num_heads, self.num_kv_heads, self.head_dim)
         batch_size, _, query_length, _ = query.shape
@@ -173,8 +174,8 @@ class FalconGQAAttention(FalconAttention):
             cos, sin = position_embeddings
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
 
-        if layer_past is not None:
-            key, value = layer_past.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = compat.update_cache(cache, key, value, self.layer_idx, kwargs)
 
         if uses_sdpa(self.config, output_attentions):
             dropout = self.attention_dropout.p if (alibi is not None and self.training) else 0.0

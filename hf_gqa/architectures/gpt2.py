@@ -21,32 +21,18 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, eager_attention_forward
 from transformers.pytorch_utils import Conv1D
 
+from .. import compat
 from ..canonical import AttentionWeights
 from .base import AttentionAdapter, shallow_clone
+from .shared import with_repeated_kv
 
-
-def eager_gqa_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPT-2's eager attention on grouped K/V: `query [b, H, q, d]`, `key`/`value` `[b, K, k, d]`.
-
-    GPT-2's own eager function assumes as many K/V heads as query heads, so K/V are repeated to `[b, H, k, d]`
-    first; the arithmetic is then exactly GPT-2's. Returns `([b, q, H, d], weights [b, H, q, k])`.
-    """
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+eager_gqa_attention_forward = with_repeated_kv(eager_attention_forward)
 
 
 class GPT2GQAAttention(GPT2Attention):
@@ -70,20 +56,24 @@ class GPT2GQAAttention(GPT2Attention):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         output_attentions: bool | None = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`hidden_states [b, s, hidden]` -> `(output [b, s, hidden], attention weights [b, H, s, k] or None)`."""
+        """`hidden_states [b, s, hidden]` -> `(output [b, s, hidden], attention weights [b, H, s, k] or None)`.
+
+        The cache (`cache=` or `past_key_values=`, as the transformers release names it) receives keys and values
+        `[b, K, s, d]`.
+        """
+        cache = compat.pop_cache(kwargs)
         if encoder_hidden_states is not None:
             raise ValueError(
                 "GPT2GQAAttention is self-attention only; cross-attention layers stay GPT2Attention."
             )
-        if isinstance(past_key_values, EncoderDecoderCache):
-            past_key_values = past_key_values.self_attention_cache
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
 
         kv_size = self.num_key_value_heads * self.head_dim
         query_states, key_states, value_states = self.c_attn(hidden_states).split(
@@ -94,8 +84,10 @@ class GPT2GQAAttention(GPT2Attention):
         key_states = key_states.view(shape).transpose(1, 2)
         value_states = value_states.view(shape).transpose(1, 2)
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = compat.update_cache(
+                cache, key_states, value_states, self.layer_idx, kwargs
+            )
 
         using_eager = self.config._attn_implementation == "eager"
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(

@@ -24,8 +24,6 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
-from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt_neox.modeling_gpt_neox import (
     GPTNeoXAttention,
@@ -33,28 +31,12 @@ from transformers.models.gpt_neox.modeling_gpt_neox import (
     eager_attention_forward,
 )
 
+from .. import compat
 from ..canonical import AttentionWeights, RotarySpec, split_out_heads
 from .base import AttentionAdapter, new_linear, shallow_clone
+from .shared import with_repeated_kv
 
-
-def eager_gqa_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float | int = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPT-NeoX's eager attention on grouped K/V: `query [b, H, q, d]`, `key`/`value` `[b, K, k, d]`.
-
-    GPT-NeoX's own eager function assumes as many K/V heads as query heads, so K/V are repeated to `[b, H, k, d]`
-    first; the arithmetic is then exactly GPT-NeoX's. Returns `([b, q, H, d], weights [b, H, q, k])`.
-    """
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+eager_gqa_attention_forward = with_repeated_kv(eager_attention_forward)
 
 
 class GPTNeoXGQAAttention(GPTNeoXAttention):
@@ -81,14 +63,15 @@ class GPTNeoXGQAAttention(GPTNeoXAttention):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
-        layer_past: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`hidden_states [b, s, hidden]` -> `(output [b, s, hidden], attention weights [b, H, s, k] or None)`.
 
-        `position_embeddings`: `(cos, sin)`, each `[b, s, rotary_ndims]`.
+        `position_embeddings`: `(cos, sin)`, each `[b, s, rotary_ndims]`. The cache (`layer_past=`) receives keys
+        and values `[b, K, s, d]`.
         """
+        cache = compat.pop_cache(kwargs)
         input_shape = hidden_states.shape[:-1]
         groups, d = self.num_key_value_groups, self.head_size
         # [b, s, K, (r + 2) * d]: per key/value head, its r query heads, then its key, then its value
@@ -103,8 +86,10 @@ class GPTNeoXGQAAttention(GPTNeoXAttention):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if layer_past is not None:
-            key_states, value_states = layer_past.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = compat.update_cache(
+                cache, key_states, value_states, self.layer_idx, kwargs
+            )
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_gqa_attention_forward

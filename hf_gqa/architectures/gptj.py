@@ -1,27 +1,27 @@
-"""GPT-J (`GPTJAttention`): multi-head only in transformers and not on its shared attention interface, so
-conversion installs `GPTJGQAAttention`.
+"""GPT-J (`GPTJAttention`): multi-head only in transformers, so conversion installs `GPTJGQAAttention`.
 
 GPT-J has separate `q_proj`, `k_proj`, `v_proj` and `out_proj` linears without bias, and interleaved rotary
 embeddings (pairs `(0, 1), (2, 3), ...`) on the first `rotary_dim` dimensions of each head. `GPTJGQAAttention`
 keeps those names; only `k_proj` / `v_proj` shrink to `[K * d, hidden]` (`K` key/value heads, `d = head_dim`), and
 query head `h` attends with key/value head `h // (H // K)`. The cache stores only the `K` heads.
 
-GPT-J models always run its eager code in transformers (the family declares no SDPA support, and
-`set_attn_implementation` leaves it unchanged); `GPTJGQAAttention` computes exactly that eager attention, on K/V
-repeated to the query heads. If `config._attn_implementation` is set to `"sdpa"` or `"hf_gqa_sdpa"`, it uses
-`hf_gqa.attention.gqa_sdpa_attention_forward` instead, which lets torch do GQA without copying K/V where it can.
+transformers 5.24 moved GPT-J onto its shared attention interface (SDPA by default); 5.23 runs its own eager code.
+`GPTJGQAAttention` dispatches through the interface in both (`hf_gqa.compat` supplies the rotary `(sin, cos)` and
+GPT-J's eager arithmetic where 5.23 keeps them inside its module), with GPT-J's eager attention on K/V repeated
+to the query heads as the default.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache
-from transformers.integrations.sdpa_attention import repeat_kv
+from transformers import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gptj.modeling_gptj import GPTJAttention, apply_rotary_pos_emb
 
-from ..attention import ATTN_IMPLEMENTATION, gqa_sdpa_attention_forward
+from .. import compat
 from ..canonical import (
     AttentionWeights,
     RotarySpec,
@@ -32,31 +32,18 @@ from ..canonical import (
 )
 from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter, new_linear, shallow_clone
+from .shared import SUPPORTED_IMPLEMENTATIONS, additive_mask, with_repeated_kv
 
-# Shared with the Falcon and Bloom adapters, whose modules dispatch the same way.
-SDPA_IMPLEMENTATIONS = ("sdpa", ATTN_IMPLEMENTATION)
-SUPPORTED_IMPLEMENTATIONS = (None, "eager", *SDPA_IMPLEMENTATIONS)
-
-
-def uses_sdpa(config: PretrainedConfig, output_attentions: bool | None) -> bool:
-    """Whether attention runs through SDPA: an SDPA implementation is configured and no weights are requested."""
-    return config._attn_implementation in SDPA_IMPLEMENTATIONS and not output_attentions
-
-
-def additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """An eager (additive) mask: a boolean mask `[b, 1, q, k]` (True = attend, as SDPA masks are) becomes 0 where
-    attended and the minimum of `dtype` elsewhere; float masks and `None` are returned unchanged."""
-    if attention_mask is None or attention_mask.dtype != torch.bool:
-        return attention_mask
-    zero = torch.zeros((), device=attention_mask.device, dtype=dtype)
-    return torch.where(attention_mask, zero, torch.finfo(dtype).min)
+eager_gqa_attention = with_repeated_kv(compat.gptj_eager_attention_forward)
 
 
 class GPTJGQAAttention(GPTJAttention):
     """GPT-J self-attention with `num_key_value_heads` key/value heads (grouped-query attention).
 
     `q_proj`: `[H * d, hidden]`, `k_proj` / `v_proj`: `[K * d, hidden]`, `out_proj`: `[hidden, H * d]`, no bias.
-    Rotary embeddings, scaling, dropout and the fp32 score computation are GPT-J's.
+    Rotary embeddings (interleaved, on the first `rotary_dim` dimensions), scaling, dropout and the float32 score
+    computation are GPT-J's; attention dispatches through transformers' attention interface, with GPT-J's eager
+    arithmetic on K/V repeated to the query heads as the default.
     """
 
     num_key_value_heads: int
@@ -75,75 +62,61 @@ class GPTJGQAAttention(GPTJAttention):
         self.k_proj = nn.Linear(self.embed_dim, kv_dim, bias=False)
         self.v_proj = nn.Linear(self.embed_dim, kv_dim, bias=False)
 
-    def _rotate(
-        self, query: torch.Tensor, key: torch.Tensor, position_ids: torch.LongTensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """GPT-J's rotary embedding on `query [b, s, H, d]` and `key [b, s, K, d]` (same shapes returned)."""
-        embed_positions = self._get_embed_positions(position_ids)
-        repeated_position_ids = position_ids.unsqueeze(-1).repeat(1, 1, embed_positions.shape[-1])
-        sincos = torch.gather(embed_positions, 1, repeated_position_ids).to(key.dtype)
-        sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
-
-        if self.rotary_dim is not None:
-            k_rot = apply_rotary_pos_emb(key[:, :, :, : self.rotary_dim], sin, cos)
-            q_rot = apply_rotary_pos_emb(query[:, :, :, : self.rotary_dim], sin, cos)
-            key = torch.cat([k_rot, key[:, :, :, self.rotary_dim :]], dim=-1)
-            query = torch.cat([q_rot, query[:, :, :, self.rotary_dim :]], dim=-1)
-        else:
-            key = apply_rotary_pos_emb(key, sin, cos)
-            query = apply_rotary_pos_emb(query, sin, cos)
-        return query, key
+    def _rotate(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        """GPT-J's rotary embedding on `x [b, s, heads, d]` (the first `rotary_dim` dimensions of each head)."""
+        if self.rotary_dim is None:
+            return apply_rotary_pos_emb(x, sin, cos)
+        rotated = apply_rotary_pos_emb(x[..., : self.rotary_dim], sin, cos)
+        return torch.cat([rotated, x[..., self.rotary_dim :]], dim=-1)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        layer_past: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         output_attentions: bool | None = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`hidden_states [b, s, hidden]` -> `(output [b, s, hidden], weights [b, H, s, k] or None)`.
 
         `attention_mask` is `[b, 1, s, k]`: additive float for eager, boolean (or None) for SDPA. The cache
-        receives keys and values of shape `[b, K, s, d]`.
+        (`cache=`, `layer_past=` or `past_key_values=`, as the transformers release names it) receives keys and
+        values of shape `[b, K, s, d]`. `position_embeddings` are GPT-J's `(sin, cos)` where the model computes
+        them (transformers 5.24), else they come from `position_ids`.
         """
-        query = self._split_heads(self.q_proj(hidden_states), self.num_attention_heads, self.head_dim, True)
-        key = self._split_heads(self.k_proj(hidden_states), self.num_key_value_heads, self.head_dim, True)
-        value = self._split_heads(self.v_proj(hidden_states), self.num_key_value_heads, self.head_dim, False)
+        cache = compat.pop_cache(kwargs)
+        kwargs.pop("use_cache", None)
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape)
+        key = self.k_proj(hidden_states).view(shape)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
 
-        query, key = self._rotate(query, key, position_ids)
-        key = key.permute(0, 2, 1, 3)
-        query = query.permute(0, 2, 1, 3)
+        sin, cos = compat.gptj_sin_cos(self, position_ids, position_embeddings, key.dtype)
+        query = self._rotate(query, sin, cos).transpose(1, 2)
+        key = self._rotate(key, sin, cos).transpose(1, 2)
 
-        if layer_past is not None:
-            key, value = layer_past.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = compat.update_cache(cache, key, value, self.layer_idx, kwargs)
 
-        if uses_sdpa(self.config, output_attentions):
-            attn_output, attn_weights = gqa_sdpa_attention_forward(
-                self,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=self.config.attn_pdrop if self.training else 0.0,
-                scaling=1.0 / self.scale_attn,
-            )
-            attn_output = attn_output.reshape(
-                *attn_output.shape[:2], self.num_attention_heads * self.head_dim
-            )
-        else:
-            key = repeat_kv(key, self.num_key_value_groups)
-            value = repeat_kv(value, self.num_key_value_groups)
-            attn_output, attn_weights = self._attn(
-                query, key, value, additive_mask(attention_mask, torch.float32)
-            )
-            attn_output = self._merge_heads(attn_output, self.num_attention_heads, self.head_dim)
-
-        attn_output = self.out_proj(attn_output)
-        attn_output = self.resid_dropout(attn_output)
-        return attn_output, attn_weights
+        implementation = self.config._attn_implementation
+        if output_attentions or implementation is None:
+            implementation = "eager"
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            implementation, eager_gqa_attention
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask if implementation != "eager" else additive_mask(attention_mask, torch.float32),
+            dropout=self.config.attn_pdrop if self.training else 0.0,
+            scaling=self.head_dim**-0.5,
+            **kwargs,
+        )
+        attn_output = self.out_proj(attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous())
+        return self.resid_dropout(attn_output), attn_weights
 
 
 class GPTJAdapter(AttentionAdapter):

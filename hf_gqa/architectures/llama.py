@@ -78,8 +78,18 @@ class SeparateProjectionAdapter(AttentionAdapter):
             v_bias=split_bias(v.bias, kv_heads),
             o_bias=o.bias,
             rotary=self.rotary(module),
-            extras={"no_fold": _fold_blocker(module)},
+            extras={"no_fold": self.fold_blocker(module)},
         )
+
+    def fold_blocker(self, module: nn.Module) -> str | None:
+        """A per-head normalisation of keys after the projection (Qwen3 `k_norm`, Phi `qk_layernorm`) or clipping
+        of q/k/v (OLMo `clip_qkv`) makes the projection's output non-linear in the weights that the
+        activation-aware merges rewrite."""
+        if getattr(module, "k_norm", None) is not None or getattr(module, "k_layernorm", None) is not None:
+            return "per-head key normalisation (q_norm/k_norm)"
+        if getattr(module.config, "clip_qkv", None) is not None:
+            return "clipping of q/k/v activations (clip_qkv)"
+        return None
 
     def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
         new = shallow_clone(module)
@@ -98,17 +108,6 @@ class SeparateProjectionAdapter(AttentionAdapter):
 
     def restore_config(self, config: PretrainedConfig, meta: dict) -> None:
         config.num_key_value_heads = max(meta["original_kv_heads"])
-
-
-def _fold_blocker(module: nn.Module) -> str | None:
-    """Why maps cannot be folded through this module's q/k/v projections, or None: a per-head normalisation
-    of keys after the projection (Qwen3 `k_norm`, Phi `qk_layernorm`) or clipping of q/k/v (OLMo `clip_qkv`)
-    makes the projection's output non-linear in the weights that the activation-aware merges rewrite."""
-    if getattr(module, "k_norm", None) is not None or getattr(module, "k_layernorm", None) is not None:
-        return "per-head key normalisation (q_norm/k_norm)"
-    if getattr(module.config, "clip_qkv", None) is not None:
-        return "clipping of q/k/v activations (clip_qkv)"
-    return None
 
 
 def _attention_classes(*paths: str) -> tuple[type[nn.Module], ...]:

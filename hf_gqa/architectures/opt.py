@@ -14,11 +14,10 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
-from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.opt.modeling_opt import OPTAttention, eager_attention_forward
 
+from .. import compat
 from ..canonical import (
     AttentionWeights,
     join_bias,
@@ -29,26 +28,9 @@ from ..canonical import (
     split_out_heads,
 )
 from .base import AttentionAdapter, new_linear, shallow_clone
+from .shared import with_repeated_kv
 
-
-def eager_gqa_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """OPT's eager attention on grouped K/V: `query [b, H, q, d]`, `key`/`value` `[b, K, k, d]`.
-
-    OPT's own eager function assumes as many K/V heads as query heads, so K/V are repeated to `[b, H, k, d]`
-    first; the arithmetic is then exactly OPT's. Returns `([b, q, H, d], weights [b, H, q, k])`.
-    """
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+eager_gqa_attention_forward = with_repeated_kv(eager_attention_forward)
 
 
 class OPTGQAAttention(OPTAttention):
@@ -75,12 +57,16 @@ class OPTGQAAttention(OPTAttention):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        past_key_values: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`hidden_states [b, s, hidden]` -> `(output [b, s, hidden], attention weights [b, H, s, k] or None)`."""
+        """`hidden_states [b, s, hidden]` -> `(output [b, s, hidden], attention weights [b, H, s, k] or None)`.
+
+        The cache (`cache=` or `past_key_values=`, as the transformers release names it) receives keys and values
+        `[b, K, s, d]`.
+        """
+        cache = compat.pop_cache(kwargs)
         bsz, tgt_len, _ = hidden_states.size()
 
         # As in OPT: scale the queries here, attend with scaling 1.0.
@@ -92,8 +78,10 @@ class OPTGQAAttention(OPTAttention):
         key_states = key_states.view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         value_states = value_states.view(bsz, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = compat.update_cache(
+                cache, key_states, value_states, self.layer_idx, kwargs
+            )
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_gqa_attention_forward
