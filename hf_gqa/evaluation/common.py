@@ -186,7 +186,7 @@ def environment(device: torch.device | str | None = None) -> dict:
     """Versions, machine and date, for reports."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": {
             "python": sys.version.split()[0],
             **{
