@@ -28,12 +28,16 @@ class AttentionAdapter:
             model saves as a standard checkpoint that plain transformers loads.
         attention_classes: the attention module classes to convert (the family's own and, for multi-head-only
             families, our GQA module, so that a patched model can be patched further).
+        lora_targets: names, inside one attention module, of its q/k/v/output projections: what
+            `hf_gqa.uptrain(method="lora")` adapts by default (resolved inside attention modules only, so that an
+            MLP projection of the same name is left alone).
     """
 
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     native_gqa: ClassVar[bool] = False
     attention_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
+    lora_targets: ClassVar[tuple[str, ...]] = ()
     # The family's transformers module loads a converted checkpoint but caches K/V repeated to every query head:
     # `hf_gqa.from_pretrained` then swaps in the adapter's module (Falcon's new decoder architecture).
     rebuild_on_load: ClassVar[bool] = False

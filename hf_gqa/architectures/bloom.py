@@ -161,6 +161,7 @@ class BloomAdapter(AttentionAdapter):
     """Bloom: fused per-head qkv with biases, ALiBi; installs `BloomGQAAttention`."""
 
     family = "bloom"
+    lora_targets = ("query_key_value", "dense")
     model_types = ("bloom",)
     native_gqa = False
     attention_classes = (BloomAttention,)  # BloomGQAAttention is a subclass

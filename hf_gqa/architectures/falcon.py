@@ -254,6 +254,7 @@ class FalconAdapter(AttentionAdapter):
     that the cache holds only the grouped heads."""
 
     family = "falcon"
+    lora_targets = ("query_key_value", "dense")
     model_types = ("falcon",)
     native_gqa = True
     new_decoder_architecture: ClassVar[bool] = True

@@ -135,6 +135,7 @@ class GPT2Adapter(AttentionAdapter):
     """Converts `GPT2Attention` self-attention (and `GPT2GQAAttention`, to go further down) to `GPT2GQAAttention`."""
 
     family = "gpt2"
+    lora_targets = ("c_attn", "c_proj")
     model_types = ("gpt2",)
     native_gqa = False
     attention_classes: ClassVar[tuple[type[nn.Module], ...]] = (GPT2Attention,)

@@ -119,6 +119,7 @@ class GPTNeoXAdapter(AttentionAdapter):
     """
 
     family = "gpt_neox"
+    lora_targets = ("query_key_value", "dense")
     model_types = ("gpt_neox",)
     native_gqa = False
     attention_classes: ClassVar[tuple[type[nn.Module], ...]] = (GPTNeoXAttention,)

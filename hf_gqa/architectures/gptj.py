@@ -123,6 +123,7 @@ class GPTJAdapter(AttentionAdapter):
     """GPT-J: separate projections without bias, interleaved partial rotary; installs `GPTJGQAAttention`."""
 
     family = "gptj"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     model_types = ("gptj",)
     native_gqa = False
     attention_classes = (GPTJAttention,)  # GPTJGQAAttention is a subclass

@@ -126,6 +126,7 @@ def _attention_classes(*paths: str) -> tuple[type[nn.Module], ...]:
 
 class LlamaAdapter(SeparateProjectionAdapter):
     family = "llama"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo")
     attention_classes = _attention_classes(
         "llama.modeling_llama:LlamaAttention",
@@ -140,6 +141,7 @@ class LlamaAdapter(SeparateProjectionAdapter):
 
 class PhiAdapter(SeparateProjectionAdapter):
     family = "phi"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "dense")
     model_types = ("phi",)
     o_name = "dense"
     attention_classes = _attention_classes("phi.modeling_phi:PhiAttention")

@@ -107,6 +107,7 @@ class OPTAdapter(AttentionAdapter):
     """Converts `OPTAttention` (and `OPTGQAAttention`, to go further down) to `OPTGQAAttention`."""
 
     family = "opt"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     model_types = ("opt",)
     native_gqa = False
     attention_classes: ClassVar[tuple[type[nn.Module], ...]] = (OPTAttention,)

@@ -31,6 +31,7 @@ class Phi3Adapter(AttentionAdapter):
     """Phi-3 / Phi-3.5 / Phi-4 text models (`model_type == "phi3"`)."""
 
     family = "phi3"
+    lora_targets = ("qkv_proj", "o_proj")
     model_types = ("phi3",)
     native_gqa = True
     attention_classes = _attention_classes("phi3.modeling_phi3:Phi3Attention")
