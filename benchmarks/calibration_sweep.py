@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from strategies import perplexity  # benchmarks/ is on sys.path when this script runs
+from strategies import windowed_perplexity  # benchmarks/ is on sys.path when this script runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,7 +79,7 @@ def main() -> None:
         )
     seconds = time.perf_counter() - start
     ids = tokenizer(data.read_text(data.HELDOUT_TEXT), return_tensors="pt").input_ids[0]
-    held_out = perplexity(model, ids, args.windows, 512)  # the strategies benchmark's measure
+    held_out = windowed_perplexity(model, ids, args.windows, 512)  # the strategies benchmark's measure
     row = {
         "command": "python benchmarks/calibration_sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "patch": kwargs | {"groups": groups},

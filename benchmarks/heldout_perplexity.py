@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from strategies import perplexity  # noqa: E402  (the same measurement as the strategies table)
+from strategies import windowed_perplexity  # noqa: E402  (the same measurement as the strategies table)
 
 
 def main() -> None:
@@ -44,9 +44,8 @@ def main() -> None:
         model = hf_gqa.from_pretrained(path, dtype=torch.float32).eval()
         ids = tokenizer(data.read_text(data.HELDOUT_TEXT), return_tensors="pt").input_ids[0]
         heads = sorted({layer.kv_heads_after for layer in hf_gqa.describe(model).layers})
-        print(
-            f"| {path} | {','.join(map(str, heads))} | {perplexity(model, ids, args.windows, args.window):.2f} |"
-        )
+        ppl = windowed_perplexity(model, ids, args.windows, args.window)
+        print(f"| {path} | {','.join(map(str, heads))} | {ppl:.2f} |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import shlex
@@ -72,16 +71,20 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def perplexity(model, ids, windows: int, window: int) -> float:
-    import torch
+def heldout_windows(ids, windows: int, window: int):
+    """The first `windows` windows of `window` tokens of `ids` `[tokens]`, as `[windows, window]` blocks."""
+    needed = windows * window
+    if ids.numel() < needed:
+        raise ValueError(f"The held-out text has {ids.numel()} tokens, fewer than {windows} x {window}.")
+    return ids[:needed].reshape(windows, window)
 
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for w in range(windows):
-            x = ids[w * window : (w + 1) * window][None]
-            total += model(input_ids=x, labels=x).loss.item() * (window - 1)
-            count += window - 1
-    return math.exp(total / count)
+
+def windowed_perplexity(model, ids, windows: int, window: int) -> float:
+    """Held-out perplexity as the strategies table measures it: exp(mean token loss) over the first `windows`
+    windows of `window` tokens of `ids` `[tokens]`, each window scored on its own from its first token."""
+    from hf_gqa.perplexity import perplexity
+
+    return perplexity(model, heldout_windows(ids, windows, window), batch_size=1)
 
 
 def run_variant(name: str, args) -> dict:
@@ -120,7 +123,7 @@ def run_variant(name: str, args) -> dict:
         hf_gqa.describe(model).bytes_per_token_after / hf_gqa.describe(model).bytes_per_token_before
     )
     ids = tokenizer(data.read_text(data.HELDOUT_TEXT), return_tensors="pt").input_ids[0]
-    result["perplexity"] = perplexity(model, ids, args.windows, args.window)
+    result["perplexity"] = windowed_perplexity(model, ids, args.windows, args.window)
     if name in args.lm_eval_variants and args.limit > 0:
         out = evaluate_quality(
             model,

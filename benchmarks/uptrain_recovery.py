@@ -141,14 +141,12 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from hf_gqa import default_model
     from hf_gqa.data import heldout_documents, train_text
     from hf_gqa.training import evaluate_perplexity, pack_blocks, uptrain
-    from hf_gqa.training_cli import dequantized
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     device = spec["device"]
-    original, tokenizer = default_model.load(dtype=torch.float32)
-    dequantized(original)
+    original, tokenizer = default_model.load(dtype=torch.float32)  # de-quantized GGUF, marked as plain floats
     original.to(device)
     eval_blocks = pack_blocks(tokenizer, heldout_documents(), spec["block_size"])[: spec["eval_windows"]]
     record: dict[str, Any] = {**spec, "eval_tokens": int(eval_blocks.numel())}

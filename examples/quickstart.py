@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 
 import torch
 
 import hf_gqa
 from hf_gqa import data, default_model
+from hf_gqa.perplexity import perplexity
 
 
-def perplexity(model, tokenizer, text: str) -> float:
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return math.exp(model(input_ids=ids, labels=ids).loss.item())
+def text_perplexity(model, tokenizer, text: str) -> float:
+    """exp(mean next-token loss) of `model` over `text`, tokenised as one sequence."""
+    ids = tokenizer(text, return_tensors="pt").input_ids  # [1, tokens]
+    return perplexity(model, ids, batch_size=1)
 
 
 def greedy(model, tokenizer, prompt: str, new_tokens: int) -> str:
@@ -78,7 +78,8 @@ def main() -> None:
     print(f"\nConverted in {seconds:.0f} s with merge={meta['merge']}, grouping={meta['grouping']}.\n")
     print(hf_gqa.describe(model))
     print("\nPerplexity on a held-out Wikipedia paragraph (bundled, never used for calibration):")
-    before, after = perplexity(original, tokenizer, paragraph), perplexity(model, tokenizer, paragraph)
+    before = text_perplexity(original, tokenizer, paragraph)
+    after = text_perplexity(model, tokenizer, paragraph)
     print(f"  before: {before:8.2f}\n  after:  {after:8.2f}  ({after / before:.2f}x)")
     print(f"\nGreedy generation for {args.prompt!r}:")
     print(f"  before: {greedy(original, tokenizer, args.prompt, args.new_tokens)!r}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -63,6 +63,21 @@ def gqa_sdpa_attention_forward(
         enable_gqa=True,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def set_attention(model: PreTrainedModel, attn_implementation: str | None = None) -> None:
+    """Set a (validated) attention implementation on a patched model; by default move `"sdpa"` to
+    `"hf_gqa_sdpa"`. Families whose own attention code our modules replaced (Falcon, Bloom, GPT-J on 5.23) read
+    `config._attn_implementation` directly, so it is set there."""
+    current = getattr(model.config, "_attn_implementation", None)
+    settable = type(model)._can_set_attn_implementation()
+    target = attn_implementation or (ATTN_IMPLEMENTATION if current == "sdpa" and settable else None)
+    if not target or target == current:
+        return
+    if settable:
+        model.set_attn_implementation(target)
+    else:
+        model.config._attn_implementation = target
 
 
 def register() -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import compat
 from .errors import GQAError
 
 TextLike = str | Sequence[str]
@@ -156,7 +157,7 @@ def collect_attention_stats(
     def hook(module, args, kwargs):
         stats.add(_first_arg(args, kwargs))
         if keep_inputs:
-            kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "layer_past")}
+            kept = {k: v for k, v in kwargs.items() if k not in compat.CACHE_NAMES}
             stats.inputs.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kept))
 
     handle = attention.register_forward_pre_hook(hook, with_kwargs=True)

@@ -29,13 +29,13 @@ CACHE_KWARG: str = generation_utils.ALL_CACHE_NAMES[0]
 #: Whether `Cache.update` receives the attention module's keyword arguments (`kwargs=`), as from 5.24.
 _UPDATE_TAKES_KWARGS = CACHE_KWARG == "cache"
 #: Every keyword a decoder layer of a supported family uses to hand the cache to its attention module.
-_CACHE_NAMES = ("cache", "past_key_values", "layer_past")
+CACHE_NAMES = ("cache", "past_key_values", "layer_past")
 
 
 def pop_cache(kwargs: dict) -> Cache | None:
     """Remove and return the cache an attention module was called with, under whichever name the caller used."""
     found = None
-    for name in _CACHE_NAMES:
+    for name in CACHE_NAMES:
         value = kwargs.pop(name, None)
         if value is not None:
             found = value

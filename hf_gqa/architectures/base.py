@@ -38,6 +38,9 @@ class AttentionAdapter:
     native_gqa: ClassVar[bool] = False
     attention_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     lora_targets: ClassVar[tuple[str, ...]] = ()
+    # The config attribute holding the KV head count, for families whose transformers class reads one
+    # (`num_key_value_heads`, Falcon's `num_kv_heads`); None where the config cannot express it.
+    kv_heads_config_key: ClassVar[str | None] = None
     # The family's transformers module loads a converted checkpoint but caches K/V repeated to every query head:
     # `hf_gqa.from_pretrained` then swaps in the adapter's module (Falcon's new decoder architecture).
     rebuild_on_load: ClassVar[bool] = False
@@ -80,13 +83,23 @@ class AttentionAdapter:
         """A new attention module computing attention with `weights` (which may have fewer KV heads)."""
         raise NotImplementedError
 
+    def rebuild(self, module: nn.Module, kv_heads: int) -> nn.Module:
+        """An empty converted module with `kv_heads` KV heads and `module`'s layout, to load saved converted
+        weights into (`hf_gqa.from_pretrained`): its tensors hold the first head of each group of `module`'s,
+        meta tensors stay on the meta device."""
+        from ..merging import merge_first
+
+        return self.build(module, merge_first(self.read(module), kv_heads))
+
     # -- model level -----------------------------------------------------------------------------------------
     def config_updates(self, config: PretrainedConfig, kv_heads: list[int]) -> dict[str, object]:
         """Config attributes to set once every layer has `kv_heads[i]` KV heads (applied by the patcher)."""
-        return {}
+        return {self.kv_heads_config_key: max(kv_heads)} if self.kv_heads_config_key else {}
 
     def restore_config(self, config: PretrainedConfig, meta: dict) -> None:
         """Put `config` back to the pre-conversion shape recorded in `meta` (used by `hf_gqa.from_pretrained`)."""
+        if self.kv_heads_config_key:
+            setattr(config, self.kv_heads_config_key, max(meta["original_kv_heads"]))
 
 
 # -- helpers shared by adapters ---------------------------------------------------------------------------------
@@ -129,8 +142,3 @@ def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear)
         )
     linear.train(like.training)
     return linear
-
-
-def text_config(model_or_config: PreTrainedModel | PretrainedConfig) -> PretrainedConfig:
-    config = getattr(model_or_config, "config", model_or_config)
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

@@ -25,10 +25,14 @@ from transformers.models.bloom.modeling_bloom import BloomAttention, dropout_add
 from .. import compat
 from ..attention import gqa_sdpa_attention_forward
 from ..canonical import AttentionWeights, join_out_heads
-from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter, new_linear, shallow_clone
-from .falcon import join_grouped_qkv, read_grouped_fused, split_grouped_states
-from .shared import SUPPORTED_IMPLEMENTATIONS, additive_mask
+from .shared import (
+    additive_mask,
+    check_own_attention,
+    join_grouped_qkv,
+    read_grouped_fused,
+    split_grouped_states,
+)
 
 
 def alibi_sdpa_mask(
@@ -167,11 +171,7 @@ class BloomAdapter(AttentionAdapter):
     attention_classes = (BloomAttention,)  # BloomGQAAttention is a subclass
 
     def check_model(self, model: PreTrainedModel) -> None:
-        implementation = model.config._attn_implementation
-        if implementation not in SUPPORTED_IMPLEMENTATIONS:
-            raise UnsupportedArchitectureError(
-                f"hf_gqa converts Bloom models running eager attention, not {implementation!r}."
-            )
+        check_own_attention(model, "Bloom", "load the model with attn_implementation='eager'.")
 
     def num_heads(self, module: nn.Module) -> int:
         return module.num_heads

@@ -37,82 +37,17 @@ from transformers.models.falcon.modeling_falcon import FalconAttention, apply_ro
 
 from .. import compat
 from ..attention import gqa_sdpa_attention_forward
-from ..canonical import AttentionWeights, RotarySpec, join_out_heads, split_out_heads
+from ..canonical import AttentionWeights, RotarySpec, join_out_heads
 from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter, new_linear, shallow_clone
-from .shared import SUPPORTED_IMPLEMENTATIONS, additive_mask, uses_sdpa
-
-# -- the grouped fused layout, shared with Bloom ----------------------------------------------------------------
-
-
-def read_grouped_fused(
-    module: nn.Module, heads: int, kv_heads: int, rotary: RotarySpec | None
-) -> AttentionWeights:
-    """Canonical weights of a module with a grouped fused `query_key_value` and a `dense` output (Falcon, Bloom)."""
-    qkv = module.query_key_value
-    q, k, v, q_bias, k_bias, v_bias = split_grouped_qkv(qkv.weight, qkv.bias, heads, kv_heads)
-    return AttentionWeights(
-        q=q,
-        k=k,
-        v=v,
-        o=split_out_heads(module.dense.weight, heads),
-        q_bias=q_bias,
-        k_bias=k_bias,
-        v_bias=v_bias,
-        o_bias=module.dense.bias,
-        rotary=rotary,
-    )
-
-
-def split_grouped_qkv(
-    weight: torch.Tensor, bias: torch.Tensor | None, heads: int, kv_heads: int
-) -> tuple[torch.Tensor, ...]:
-    """Fused `[K * (H // K + 2) * d, D]` weight (and `[K * (H // K + 2) * d]` bias) in the grouped layout ->
-    `(q [H, d, D], k [K, d, D], v [K, d, D], q_bias [H, d], k_bias [K, d], v_bias [K, d])` (biases None if absent).
-    """
-    per_group = heads // kv_heads
-    hidden = weight.shape[1]
-    w = weight.reshape(kv_heads, per_group + 2, -1, hidden)
-    head_dim = w.shape[2]
-    q, k, v = w[:, :per_group].reshape(heads, head_dim, hidden), w[:, per_group], w[:, per_group + 1]
-    if bias is None:
-        return q, k, v, None, None, None
-    b = bias.reshape(kv_heads, per_group + 2, head_dim)
-    return q, k, v, b[:, :per_group].reshape(heads, head_dim), b[:, per_group], b[:, per_group + 1]
-
-
-def join_grouped_qkv(weights: AttentionWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Canonical q, k, v (and biases) -> fused weight `[K * (H // K + 2) * d, D]` and bias in the grouped layout."""
-    heads, kv_heads, head_dim, hidden = (
-        weights.num_heads,
-        weights.num_kv_heads,
-        weights.head_dim,
-        weights.hidden_size,
-    )
-    per_group = heads // kv_heads
-    q = weights.q.reshape(kv_heads, per_group, head_dim, hidden)
-    weight = torch.cat([q, weights.k[:, None], weights.v[:, None]], dim=1).reshape(-1, hidden)
-    biases = (weights.q_bias, weights.k_bias, weights.v_bias)
-    if all(b is None for b in biases):
-        return weight, None
-    q_bias, k_bias, v_bias = (
-        torch.zeros(n, head_dim, dtype=weight.dtype, device=weight.device) if b is None else b
-        for b, n in zip(biases, (heads, kv_heads, kv_heads))
-    )
-    bias = torch.cat([q_bias.reshape(kv_heads, per_group, head_dim), k_bias[:, None], v_bias[:, None]], dim=1)
-    return weight, bias.reshape(-1)
-
-
-def split_grouped_states(
-    fused_qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projected `fused_qkv [b, s, (H + 2K) * d]` -> `query [b, H, s, d]`, `key [b, K, s, d]`, `value [b, K, s, d]`."""
-    batch, seq_len, _ = fused_qkv.shape
-    per_group = heads // kv_heads
-    qkv = fused_qkv.view(batch, seq_len, kv_heads, per_group + 2, head_dim)
-    query = qkv[:, :, :, :per_group].reshape(batch, seq_len, heads, head_dim)
-    key, value = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]
-    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+from .shared import (
+    additive_mask,
+    check_own_attention,
+    join_grouped_qkv,
+    read_grouped_fused,
+    split_grouped_states,
+    uses_sdpa,
+)
 
 
 def new_like(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
@@ -257,6 +192,7 @@ class FalconAdapter(AttentionAdapter):
     lora_targets = ("query_key_value", "dense")
     model_types = ("falcon",)
     native_gqa = True
+    kv_heads_config_key = "num_kv_heads"
     new_decoder_architecture: ClassVar[bool] = True
     attention_classes = (FalconAttention,)  # FalconGQAAttention is a subclass
     # Plain transformers loads the converted checkpoint, but its module caches K/V repeated to every query head.
@@ -268,16 +204,8 @@ class FalconAdapter(AttentionAdapter):
             and bool(getattr(config, "new_decoder_architecture", False)) == self.new_decoder_architecture
         )
 
-    def matches(self, model: PreTrainedModel) -> bool:
-        return self.matches_config(model.config)
-
     def check_model(self, model: PreTrainedModel) -> None:
-        implementation = model.config._attn_implementation
-        if implementation not in SUPPORTED_IMPLEMENTATIONS:
-            raise UnsupportedArchitectureError(
-                f"hf_gqa converts Falcon models running eager or SDPA attention, not {implementation!r}; load the "
-                "model with attn_implementation='sdpa' (or 'eager')."
-            )
+        check_own_attention(model, "Falcon", "load the model with attn_implementation='sdpa' (or 'eager').")
 
     def num_heads(self, module: nn.Module) -> int:
         return module.num_heads
@@ -307,12 +235,6 @@ class FalconAdapter(AttentionAdapter):
         new.num_key_value_groups = weights.num_heads // weights.num_kv_heads
         return new
 
-    def config_updates(self, config: PretrainedConfig, kv_heads: list[int]) -> dict[str, object]:
-        return {"num_kv_heads": max(kv_heads)}
-
-    def restore_config(self, config: PretrainedConfig, meta: dict) -> None:
-        config.num_kv_heads = max(meta["original_kv_heads"])
-
 
 class FalconLegacyAdapter(FalconAdapter):
     """Falcon, old decoder architecture (`multi_query=True`: one KV head; `False`: multi-head). transformers cannot
@@ -320,14 +242,9 @@ class FalconLegacyAdapter(FalconAdapter):
     describing the original architecture."""
 
     native_gqa = False
+    kv_heads_config_key = None
     new_decoder_architecture = False
     rebuild_on_load = False
-
-    def config_updates(self, config: PretrainedConfig, kv_heads: list[int]) -> dict[str, object]:
-        return {}
-
-    def restore_config(self, config: PretrainedConfig, meta: dict) -> None:
-        pass
 
 
 ADAPTERS = [FalconAdapter(), FalconLegacyAdapter()]

@@ -32,9 +32,9 @@ from transformers.models.gpt_neox.modeling_gpt_neox import (
 )
 
 from .. import compat
-from ..canonical import AttentionWeights, RotarySpec, split_out_heads
+from ..canonical import AttentionWeights, RotarySpec, join_out_heads
 from .base import AttentionAdapter, new_linear, shallow_clone
-from .shared import with_repeated_kv
+from .shared import join_grouped_qkv, read_grouped_fused, split_grouped_states, with_repeated_kv
 
 eager_gqa_attention_forward = with_repeated_kv(eager_attention_forward)
 
@@ -73,15 +73,11 @@ class GPTNeoXGQAAttention(GPTNeoXAttention):
         """
         cache = compat.pop_cache(kwargs)
         input_shape = hidden_states.shape[:-1]
-        groups, d = self.num_key_value_groups, self.head_size
-        # [b, s, K, (r + 2) * d]: per key/value head, its r query heads, then its key, then its value
-        group_shape = (*input_shape, self.num_key_value_heads, (groups + 2) * d)
-
-        qkv = self.query_key_value(hidden_states).view(group_shape)
-        query_states, key_states, value_states = qkv.split([groups * d, d, d], dim=-1)
-        query_states = query_states.reshape(*input_shape, self.num_heads, d).transpose(1, 2)  # [b, H, s, d]
-        key_states = key_states.transpose(1, 2)  # [b, K, s, d]
-        value_states = value_states.transpose(1, 2)
+        query_states, key_states, value_states = (
+            split_grouped_states(  # [b, H, s, d], [b, K, s, d], [b, K, s, d]
+                self.query_key_value(hidden_states), self.num_heads, self.num_key_value_heads, self.head_size
+            )
+        )
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
@@ -134,45 +130,17 @@ class GPTNeoXAdapter(AttentionAdapter):
         return module.head_size
 
     def read(self, module: nn.Module) -> AttentionWeights:
-        heads, kv_heads, d = self.num_heads(module), self.num_kv_heads(module), module.head_size
-        r = heads // kv_heads
-        weight, bias = module.query_key_value.weight, module.query_key_value.bias
-        hidden = weight.shape[1]
-        grouped = weight.reshape(kv_heads, r + 2, d, hidden)  # per KV head: r query heads, key, value
-        grouped_bias = None if bias is None else bias.reshape(kv_heads, r + 2, d)
-        return AttentionWeights(
-            q=grouped[:, :r].reshape(heads, d, hidden),
-            k=grouped[:, r],
-            v=grouped[:, r + 1],
-            o=split_out_heads(module.dense.weight, heads),
-            q_bias=None if bias is None else grouped_bias[:, :r].reshape(heads, d),
-            k_bias=None if bias is None else grouped_bias[:, r],
-            v_bias=None if bias is None else grouped_bias[:, r + 1],
-            o_bias=module.dense.bias,
-            rotary=RotarySpec(rotary_dim=module.rotary_ndims, interleaved=False),
-        )
+        rotary = RotarySpec(rotary_dim=module.rotary_ndims, interleaved=False)
+        return read_grouped_fused(module, self.num_heads(module), self.num_kv_heads(module), rotary)
 
     def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
+        weight, bias = join_grouped_qkv(weights)
         new = shallow_clone(module, cls=GPTNeoXGQAAttention)
-        kv_heads, r, d = weights.num_kv_heads, weights.queries_per_kv, weights.head_dim
-        hidden = weights.hidden_size
-        weight = torch.cat(
-            [weights.q.reshape(kv_heads, r, d, hidden), weights.k[:, None], weights.v[:, None]], dim=1
-        )
-        biases = [weights.q_bias, weights.k_bias, weights.v_bias]
-        bias = None
-        if any(b is not None for b in biases):
-            q_bias, k_bias, v_bias = (
-                b if b is not None else w.new_zeros(w.shape[:2])
-                for w, b in zip([weights.q, weights.k, weights.v], biases)
-            )
-            bias = torch.cat([q_bias.reshape(kv_heads, r, d), k_bias[:, None], v_bias[:, None]], dim=1)
-            bias = bias.reshape(-1)
-        new.query_key_value = new_linear(weight.reshape(-1, hidden), bias, like=module.query_key_value)
-        new.dense = new_linear(weights.o.reshape(-1, hidden).t(), weights.o_bias, like=module.dense)
+        new.query_key_value = new_linear(weight, bias, like=module.query_key_value)
+        new.dense = new_linear(join_out_heads(weights.o), weights.o_bias, like=module.dense)
         new.num_heads = weights.num_heads
-        new.num_key_value_heads = kv_heads
-        new.num_key_value_groups = weights.num_heads // kv_heads
+        new.num_key_value_heads = weights.num_kv_heads
+        new.num_key_value_groups = weights.num_heads // weights.num_kv_heads
         return new
 
 

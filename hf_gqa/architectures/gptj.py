@@ -32,7 +32,7 @@ from ..canonical import (
 )
 from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter, new_linear, shallow_clone
-from .shared import SUPPORTED_IMPLEMENTATIONS, additive_mask, with_repeated_kv
+from .shared import additive_mask, check_own_attention, with_repeated_kv
 
 eager_gqa_attention = with_repeated_kv(compat.gptj_eager_attention_forward)
 
@@ -129,12 +129,7 @@ class GPTJAdapter(AttentionAdapter):
     attention_classes = (GPTJAttention,)  # GPTJGQAAttention is a subclass
 
     def check_model(self, model: PreTrainedModel) -> None:
-        implementation = model.config._attn_implementation
-        if implementation not in SUPPORTED_IMPLEMENTATIONS:
-            raise UnsupportedArchitectureError(
-                f"hf_gqa converts GPT-J models running eager or SDPA attention, not {implementation!r}; load the "
-                "model with attn_implementation='eager'."
-            )
+        check_own_attention(model, "GPT-J", "load the model with attn_implementation='eager' (or 'sdpa').")
 
     def num_heads(self, module: nn.Module) -> int:
         return module.num_attention_heads

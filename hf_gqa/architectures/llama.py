@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..canonical import (
     AttentionWeights,
-    RotarySpec,
     join_bias,
     join_heads,
     join_out_heads,
@@ -29,12 +28,14 @@ from ..canonical import (
 )
 from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter, new_linear, shallow_clone
+from .shared import partial_rotary
 
 
 class SeparateProjectionAdapter(AttentionAdapter):
     """Native-GQA families with separate `q/k/v` linears and an output linear named `o_name`."""
 
     native_gqa = True
+    kv_heads_config_key = "num_key_value_heads"
     q_name: ClassVar[str] = "q_proj"
     k_name: ClassVar[str] = "k_proj"
     v_name: ClassVar[str] = "v_proj"
@@ -60,11 +61,6 @@ class SeparateProjectionAdapter(AttentionAdapter):
     def num_kv_heads(self, module: nn.Module) -> int:
         return getattr(module, self.k_name).out_features // module.head_dim
 
-    def rotary(self, module: nn.Module) -> RotarySpec | None:
-        config = module.config
-        factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
-        return RotarySpec(rotary_dim=int(module.head_dim * factor), interleaved=False)
-
     def read(self, module: nn.Module) -> AttentionWeights:
         q, k, v, o = (getattr(module, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name))
         heads, kv_heads = self.num_heads(module), self.num_kv_heads(module)
@@ -77,7 +73,7 @@ class SeparateProjectionAdapter(AttentionAdapter):
             k_bias=split_bias(k.bias, kv_heads),
             v_bias=split_bias(v.bias, kv_heads),
             o_bias=o.bias,
-            rotary=self.rotary(module),
+            rotary=partial_rotary(module),
             extras={"no_fold": self.fold_blocker(module)},
         )
 
@@ -102,12 +98,6 @@ class SeparateProjectionAdapter(AttentionAdapter):
         if hasattr(module, "num_key_value_heads"):
             new.num_key_value_heads = weights.num_kv_heads
         return new
-
-    def config_updates(self, config: PretrainedConfig, kv_heads: list[int]) -> dict[str, object]:
-        return {"num_key_value_heads": max(kv_heads)}
-
-    def restore_config(self, config: PretrainedConfig, meta: dict) -> None:
-        config.num_key_value_heads = max(meta["original_kv_heads"])
 
 
 def _attention_classes(*paths: str) -> tuple[type[nn.Module], ...]:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from ..canonical import (
     AttentionWeights,
-    RotarySpec,
     join_bias,
     join_heads,
     join_out_heads,
@@ -25,6 +23,7 @@ from ..canonical import (
 )
 from .base import AttentionAdapter, new_linear, shallow_clone
 from .llama import _attention_classes
+from .shared import partial_rotary
 
 
 class Phi3Adapter(AttentionAdapter):
@@ -34,6 +33,7 @@ class Phi3Adapter(AttentionAdapter):
     lora_targets = ("qkv_proj", "o_proj")
     model_types = ("phi3",)
     native_gqa = True
+    kv_heads_config_key = "num_key_value_heads"
     attention_classes = _attention_classes("phi3.modeling_phi3:Phi3Attention")
 
     def head_dim(self, module: nn.Module) -> int:
@@ -44,10 +44,6 @@ class Phi3Adapter(AttentionAdapter):
 
     def num_kv_heads(self, module: nn.Module) -> int:
         return module.num_key_value_heads
-
-    def rotary(self, module: nn.Module) -> RotarySpec:
-        factor = (getattr(module.config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
-        return RotarySpec(rotary_dim=int(module.head_dim * factor), interleaved=False)
 
     def _split_rows(
         self, module: nn.Module, t: torch.Tensor
@@ -71,7 +67,7 @@ class Phi3Adapter(AttentionAdapter):
             k_bias=split_bias(k_bias, kv_heads),
             v_bias=split_bias(v_bias, kv_heads),
             o_bias=o.bias,
-            rotary=self.rotary(module),
+            rotary=partial_rotary(module),
         )
 
     def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
@@ -85,12 +81,6 @@ class Phi3Adapter(AttentionAdapter):
         new.num_key_value_heads = weights.num_kv_heads
         new.num_key_value_groups = weights.num_heads // weights.num_kv_heads
         return new
-
-    def config_updates(self, config: PretrainedConfig, kv_heads: list[int]) -> dict[str, object]:
-        return {"num_key_value_heads": max(kv_heads)}
-
-    def restore_config(self, config: PretrainedConfig, meta: dict) -> None:
-        config.num_key_value_heads = max(meta["original_kv_heads"])
 
 
 ADAPTERS = [Phi3Adapter()]

@@ -1,5 +1,5 @@
-"""Pieces several families' GQA modules share: the attention implementations our own modules accept, eager
-attention on grouped K/V, and the conversion of boolean masks to additive ones."""
+"""Pieces several families share: the grouped fused QKV layout, partial rotary specs, the attention
+implementations our own modules accept, eager attention on grouped K/V, and boolean masks made additive."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from ..attention import ATTN_IMPLEMENTATION
+from ..canonical import AttentionWeights, RotarySpec, split_out_heads
+from ..errors import UnsupportedArchitectureError
 
 #: Attention implementations that run through SDPA in the modules of families with their own attention code.
 SDPA_IMPLEMENTATIONS = ("sdpa", ATTN_IMPLEMENTATION)
@@ -18,6 +20,21 @@ SDPA_IMPLEMENTATIONS = ("sdpa", ATTN_IMPLEMENTATION)
 SUPPORTED_IMPLEMENTATIONS = (None, "eager", *SDPA_IMPLEMENTATIONS)
 
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def check_own_attention(model: PreTrainedModel, family: str, hint: str) -> None:
+    """Refuse an attention implementation our own modules of `family` do not run (flash attention, flex, ...)."""
+    implementation = model.config._attn_implementation
+    if implementation not in SUPPORTED_IMPLEMENTATIONS:
+        raise UnsupportedArchitectureError(
+            f"hf_gqa converts {family} models running eager or SDPA attention, not {implementation!r}; {hint}"
+        )
+
+
+def partial_rotary(module: nn.Module) -> RotarySpec:
+    """The rotate-half rotary spec of a module whose config may set `rope_parameters["partial_rotary_factor"]`."""
+    factor = (getattr(module.config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    return RotarySpec(rotary_dim=int(module.head_dim * factor), interleaved=False)
 
 
 def uses_sdpa(config: PretrainedConfig, output_attentions: bool | None) -> bool:
@@ -57,3 +74,80 @@ def with_repeated_kv(eager_attention_forward: AttentionFn) -> AttentionFn:
     forward.__name__ = f"gqa_{getattr(eager_attention_forward, '__name__', 'eager')}"
     forward.__doc__ = with_repeated_kv.__doc__
     return forward
+
+
+# -- the grouped fused QKV layout (Falcon, Bloom, GPT-NeoX) -------------------------------------------------------
+# One fused `query_key_value` linear whose output rows are grouped per key/value head: `[K, H // K + 2, d]`, i.e. for
+# each of the `K` groups its `H // K` query heads, then its key head, then its value head (Megatron-LM's GQA layout;
+# with `K == H` the per-head `[q_h, k_h, v_h]` interleaving of GPT-NeoX and Bloom).
+
+
+def read_grouped_fused(
+    module: nn.Module, heads: int, kv_heads: int, rotary: RotarySpec | None
+) -> AttentionWeights:
+    """Canonical weights of a module with a grouped fused `query_key_value` and a `dense` output (Falcon, Bloom,
+    GPT-NeoX)."""
+    qkv = module.query_key_value
+    q, k, v, q_bias, k_bias, v_bias = split_grouped_qkv(qkv.weight, qkv.bias, heads, kv_heads)
+    return AttentionWeights(
+        q=q,
+        k=k,
+        v=v,
+        o=split_out_heads(module.dense.weight, heads),
+        q_bias=q_bias,
+        k_bias=k_bias,
+        v_bias=v_bias,
+        o_bias=module.dense.bias,
+        rotary=rotary,
+    )
+
+
+def split_grouped_qkv(
+    weight: torch.Tensor, bias: torch.Tensor | None, heads: int, kv_heads: int
+) -> tuple[torch.Tensor, ...]:
+    """Fused `[K * (H // K + 2) * d, D]` weight (and `[K * (H // K + 2) * d]` bias) in the grouped layout ->
+    `(q [H, d, D], k [K, d, D], v [K, d, D], q_bias [H, d], k_bias [K, d], v_bias [K, d])` (biases None if absent).
+    """
+    per_group = heads // kv_heads
+    hidden = weight.shape[1]
+    w = weight.reshape(kv_heads, per_group + 2, -1, hidden)
+    head_dim = w.shape[2]
+    q, k, v = w[:, :per_group].reshape(heads, head_dim, hidden), w[:, per_group], w[:, per_group + 1]
+    if bias is None:
+        return q, k, v, None, None, None
+    b = bias.reshape(kv_heads, per_group + 2, head_dim)
+    return q, k, v, b[:, :per_group].reshape(heads, head_dim), b[:, per_group], b[:, per_group + 1]
+
+
+def join_grouped_qkv(weights: AttentionWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Canonical q, k, v (and biases) -> fused weight `[K * (H // K + 2) * d, D]` and bias in the grouped layout."""
+    heads, kv_heads, head_dim, hidden = (
+        weights.num_heads,
+        weights.num_kv_heads,
+        weights.head_dim,
+        weights.hidden_size,
+    )
+    per_group = heads // kv_heads
+    q = weights.q.reshape(kv_heads, per_group, head_dim, hidden)
+    weight = torch.cat([q, weights.k[:, None], weights.v[:, None]], dim=1).reshape(-1, hidden)
+    biases = (weights.q_bias, weights.k_bias, weights.v_bias)
+    if all(b is None for b in biases):
+        return weight, None
+    q_bias, k_bias, v_bias = (
+        torch.zeros(n, head_dim, dtype=weight.dtype, device=weight.device) if b is None else b
+        for b, n in zip(biases, (heads, kv_heads, kv_heads))
+    )
+    bias = torch.cat([q_bias.reshape(kv_heads, per_group, head_dim), k_bias[:, None], v_bias[:, None]], dim=1)
+    return weight, bias.reshape(-1)
+
+
+def split_grouped_states(
+    fused_qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected `fused_qkv [b, s, (H + 2K) * d]` -> `query [b, H, s, d]`, `key [b, K, s, d]`, `value [b, K, s, d]`."""
+    batch, seq_len, _ = fused_qkv.shape
+    per_group = heads // kv_heads
+    qkv = fused_qkv.view(batch, seq_len, kv_heads, per_group + 2, head_dim)
+    query = qkv[:, :, :, :per_group].reshape(batch, seq_len, heads, head_dim)
+    key, value = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]
+    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)

@@ -119,3 +119,64 @@ def mc_rows(name: str) -> list[dict]:
     }
     with open(DATA_DIR / "mc" / files[name], encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+# -- text sources by name (one spelling for every command) ------------------------------------------------------
+#: Text shipped with hf_gqa, by the name `hf-gqa` commands take (`--calibration`, `--data`, `--eval-data`).
+BUILTIN_TEXTS = {
+    "builtin:calibration": lambda: [calibration_text("mixed")],
+    "builtin:calibration-austen": lambda: [calibration_text("austen")],
+    "builtin:calibration-wikipedia": lambda: [calibration_text("wikipedia")],
+    "builtin:train-austen": lambda: [train_text("austen")],
+    "builtin:train-wikipedia": lambda: [train_text("wikipedia")],
+    "builtin:heldout": heldout_documents,
+}
+#: Older names, which meant different texts in `convert` (calibration) and `uptrain` (training): kept working,
+#: each with a one-line note naming the new spelling.
+_OLD_NAMES = {
+    "calibration": {
+        "builtin": "builtin:calibration",
+        "builtin:austen": "builtin:calibration-austen",
+        "builtin:wikipedia": "builtin:calibration-wikipedia",
+    },
+    "training": {
+        "builtin": "builtin:calibration",
+        "builtin:austen": "builtin:train-austen",
+        "builtin:wikipedia-train": "builtin:train-wikipedia",
+        "builtin:wikipedia": "builtin:heldout",
+    },
+}
+
+
+def text_source(name: str, purpose: str = "training") -> list[str]:
+    """The documents a command-line source names: a `builtin:...` name (`BUILTIN_TEXTS`), a `.txt` file (one
+    document) or a folder of `.txt` files (one document each, in name order).
+
+    Args:
+        purpose: `"calibration"` or `"training"`; decides what an older builtin name means (`builtin:austen` was
+            the calibration novel in `convert` and the training novels in `uptrain`).
+
+    Raises:
+        FileNotFoundError: neither a builtin name nor an existing path (the message lists the builtin names).
+    """
+    import warnings
+
+    old = _OLD_NAMES.get(purpose, {})
+    if name in old:
+        if old[name] != name and name != "builtin":
+            warnings.warn(f"{name} is now spelled {old[name]}", DeprecationWarning, stacklevel=2)
+        name = old[name]
+    if name in BUILTIN_TEXTS:
+        return BUILTIN_TEXTS[name]()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"no .txt files in the folder {name}")
+        return [read_text(f) for f in files]
+    if path.is_file():
+        return [read_text(path)]
+    raise FileNotFoundError(
+        f"no such {purpose} file: {name} (nor a folder of .txt files, nor a builtin text: "
+        f"{', '.join(BUILTIN_TEXTS)})"
+    )

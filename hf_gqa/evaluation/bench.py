@@ -29,13 +29,15 @@ from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from .. import compat
 from ..architectures import get_adapter
 from ..attention import ATTN_IMPLEMENTATION
 from ..cache import GQACache
 from ..errors import GQAError
+from ..groups import Groups, groups_label
 from ..patch import META_KEY, is_patched, patch
 from .common import environment, kv_layout, load_model, model_device, model_dtype
-from .options import Groups, groups_label
+from .formatting import fmt_bytes, fmt_rate, fmt_ratio, format_table
 
 
 @dataclass
@@ -193,7 +195,7 @@ def time_prefill(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: in
     out = model(
         input_ids=input_ids,
         attention_mask=mask[:, :context],
-        past_key_values=cache,
+        **compat.cache_kwargs(cache),
         use_cache=True,
         logits_to_keep=1,
     )
@@ -213,7 +215,7 @@ def time_decode(model: PreTrainedModel, state: Prefilled, new_tokens: int) -> tu
         out = model(
             input_ids=token,
             attention_mask=state.mask[:, : state.context + step + 1],
-            past_key_values=cache,
+            **compat.cache_kwargs(cache),
             use_cache=True,
         )
         token = out.logits[:, -1:].argmax(-1)
@@ -243,7 +245,7 @@ def time_decode_lockstep(
             out = models[i](
                 input_ids=tokens[i],
                 attention_mask=state.mask[:, : state.context + step + 1],
-                past_key_values=state.cache,
+                **compat.cache_kwargs(state.cache),
                 use_cache=True,
             )
             tokens[i] = out.logits[:, -1:].argmax(-1)
@@ -254,19 +256,6 @@ def time_decode_lockstep(
 
 def _clone(state: Prefilled) -> Prefilled:
     return Prefilled(copy.deepcopy(state.cache), state.token, state.mask, state.context)
-
-
-def time_generation(
-    model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int
-) -> tuple[float, float, int]:
-    """Prefill `input_ids` `[batch, context]`, then decode `new_tokens` greedy tokens.
-
-    Returns:
-        (prefill seconds, decode seconds, KV-cache bytes at the end).
-    """
-    prefill_s, state = time_prefill(model, input_ids, new_tokens)
-    decode_s, kv_bytes = time_decode(model, state, new_tokens)
-    return prefill_s, decode_s, kv_bytes
 
 
 def measure(
@@ -332,40 +321,6 @@ def _record(row: BenchRow, keep: bool, decode_s: float, kv_bytes: int, progress:
 
 
 # -- the report -------------------------------------------------------------------------------------------------
-def _fmt_rate(x: float | None) -> str:
-    return "-" if x is None else f"{x:,.1f}"
-
-
-def _fmt_ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
-    """A plain-text (aligned) or markdown table."""
-    if markdown:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)), line]
-    out += [
-        "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in rows
-    ]
-    return "\n".join(out)
-
-
 def _paired_ratio(reference_s: list[float], variant_s: list[float]) -> float:
     """Median over rounds of `reference time / variant time` (each round times both back to back, so a change
     of machine load between rounds cancels out): the variant's speed relative to the reference."""
@@ -447,9 +402,9 @@ class BenchReport:
                 r.variant,
                 str(r.batch),
                 str(r.context),
-                _fmt_rate(r.prefill_tokens_per_s),
-                _fmt_rate(r.decode_tokens_per_s),
-                _fmt_bytes(r.kv_bytes),
+                fmt_rate(r.prefill_tokens_per_s),
+                fmt_rate(r.decode_tokens_per_s),
+                fmt_bytes(r.kv_bytes),
                 " ".join(f"{s:.2f}" for s in r.decode_s),
             ]
             for r in self.rows
@@ -477,13 +432,13 @@ class BenchReport:
                     groups_label(s["groups"]),
                     str(s["batch"]),
                     str(s["context"]),
-                    _fmt_rate(s["decode_tokens_per_s"]["original"]),
-                    _fmt_rate(s["decode_tokens_per_s"]["patched"]),
-                    _fmt_rate(s["decode_tokens_per_s"]["native"]),
-                    _fmt_ratio(s["decode_patched_over_native"]),
-                    _fmt_ratio(s["decode_patched_over_native_paired"]),
-                    _fmt_ratio(s["decode_speedup_over_original"]),
-                    _fmt_ratio(kv["patched"] / kv["original"]) if kv["original"] else "-",
+                    fmt_rate(s["decode_tokens_per_s"]["original"]),
+                    fmt_rate(s["decode_tokens_per_s"]["patched"]),
+                    fmt_rate(s["decode_tokens_per_s"]["native"]),
+                    fmt_ratio(s["decode_patched_over_native"]),
+                    fmt_ratio(s["decode_patched_over_native_paired"]),
+                    fmt_ratio(s["decode_speedup_over_original"]),
+                    fmt_ratio(kv["patched"] / kv["original"]) if kv["original"] else "-",
                 ]
             )
         return format_table(headers, rows, markdown)
@@ -646,5 +601,4 @@ __all__ = [
     "bench",
     "build_variants",
     "native_gqa_model",
-    "time_generation",
 ]

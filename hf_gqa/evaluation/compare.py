@@ -23,11 +23,12 @@ from transformers import PreTrainedModel
 
 from ..architectures import get_adapter
 from ..errors import GQAError
-from ..patch import patch, plan_layers
+from ..groups import Groups, groups_label, parse_groups
+from ..patch import patch
+from ..planning import plan_layers
 from .bench import Variant, measure
 from .common import environment, kv_layout, model_device, model_dtype
 from .fidelity import kl_divergence, logits_on, next_token_agreement
-from .options import Groups, groups_label, parse_groups
 from .report import Report, Score, VariantResult
 from .tasks import BUNDLED_TAG, BUNDLED_TASKS
 from .tasks import task_manager as make_task_manager

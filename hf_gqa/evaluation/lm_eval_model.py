@@ -25,11 +25,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import PreTrainedModel
 
+from ..attention import set_attention
 from ..cache import install_cache
+from ..groups import parse_groups
 from ..io import from_pretrained, needs_hf_gqa_to_load
-from ..patch import _set_attention, is_patched, patch
+from ..patch import is_patched, patch
 from .common import kv_layout, resolve_dtype
-from .options import parse_groups
 
 MODEL_NAME = "hf-gqa"
 
@@ -85,7 +86,7 @@ class HFGQALM(HFLM):
         )
         if isinstance(self._model, PreTrainedModel) and is_patched(self._model):
             install_cache(self._model)
-            _set_attention(self._model, None)
+            set_attention(self._model)
 
 
 __all__ = ["MODEL_NAME", "HFGQALM"]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .bench import _fmt_bytes, _fmt_rate, _fmt_ratio, format_table
-from .options import Groups
+from ..groups import Groups
+from .formatting import fmt_bytes, fmt_delta, fmt_rate, fmt_ratio, fmt_value, format_table
 
 #: The metric plotted for a task, in order of preference (the first one the task reports).
 PRIMARY_METRICS = ("acc_norm", "acc", "word_perplexity", "byte_perplexity", "bits_per_byte", "exact_match")
@@ -39,21 +38,6 @@ class VariantResult:
     def from_dict(cls, data: dict) -> VariantResult:
         scores = {t: {m: Score(**s) for m, s in ms.items()} for t, ms in data["scores"].items()}
         return cls(**{**data, "scores": scores})
-
-
-def _fmt_value(x: float | None, stderr: float | None = None) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    digits = 2 if abs(x) >= 100 else 4
-    text = f"{x:,.{digits}f}"
-    return text + (f" ± {stderr:.{digits}f}" if stderr is not None else "")
-
-
-def _fmt_delta(x: float | None) -> str:
-    if x is None:
-        return "-"
-    digits = 2 if abs(x) >= 100 else 4
-    return f"{x:+,.{digits}f}"
 
 
 @dataclass
@@ -157,7 +141,7 @@ class Report:
                 [
                     task,
                     metric + self._arrow(self._higher_is_better(task, metric)),
-                    _fmt_value(score.value, score.stderr),
+                    fmt_value(score.value, score.stderr),
                 ]
                 for task, metrics in self.original.scores.items()
                 for metric, score in metrics.items()
@@ -169,9 +153,9 @@ class Report:
                 r["task"],
                 r["metric"] + self._arrow(r["higher_is_better"]),
                 r["variant"],
-                _fmt_value(r["before"], r["stderr_before"]),
-                _fmt_value(r["after"], r["stderr_after"]),
-                _fmt_delta(r["delta"]),
+                fmt_value(r["before"], r["stderr_before"]),
+                fmt_value(r["after"], r["stderr_after"]),
+                fmt_delta(r["delta"]),
             ]
             for r in self.quality_rows()
         ]
@@ -193,13 +177,13 @@ class Report:
             row = [
                 r["variant"],
                 "/".join(str(h) for h in heads),
-                _fmt_bytes(r["kv_bytes_per_token"]),
-                _fmt_rate(r["prefill_tokens_per_s"]),
-                _fmt_rate(r["decode_tokens_per_s"]),
+                fmt_bytes(r["kv_bytes_per_token"]),
+                fmt_rate(r["prefill_tokens_per_s"]),
+                fmt_rate(r["decode_tokens_per_s"]),
                 ratio,
             ]
             if has_fidelity:
-                row += [_fmt_ratio(r.get("next_token_agreement")), _fmt_value(r.get("kl_divergence"))]
+                row += [fmt_ratio(r.get("next_token_agreement")), fmt_value(r.get("kl_divergence"))]
             rows.append(row)
         return format_table(headers, rows, markdown)
 

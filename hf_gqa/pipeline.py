@@ -1,9 +1,13 @@
-"""Calibrated conversion: layer by layer on real activations.
+"""The two conversion pipelines `patch` chooses between, from what the method declares it needs.
 
-The decoder layers are replayed one at a time on stored hidden states (captured once at the input of each
-layer's call, with that layer's own keyword arguments: masks, position embeddings). For each layer the
-attention input statistics are gathered, the layer is grouped, merged and optionally refined, and the next
-layer's input is computed with the converted layer (sequential) or the original one.
+- `run_data_free`: every layer converted from its weights alone (mean pooling, first head, custom merges).
+- `run_sequential`: layer by layer on real activations. The decoder layers are replayed one at a time on stored
+  hidden states (captured once at the input of each layer's call, with that layer's own keyword arguments: masks,
+  position embeddings). For each layer the attention input statistics are gathered, the layer is grouped, merged
+  and, for `Refine`, fitted, and the next layer's input is computed with the converted layer (sequential) or the
+  original one.
+
+Both return the module replacements without applying them: `patch` swaps them all in at once, or none.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .architectures import AttentionAdapter
+from . import compat
 from .calibration import LayerStats, collect_attention_stats, progress, run_layer, with_hidden
+from .methods import Refine
 from .refine import refine_module
 
 logger = logging.getLogger("hf_gqa")
@@ -25,18 +30,18 @@ class _Stop(Exception):
     pass
 
 
-#: What `refine` fits the converted attention block to, with sequential calibration:
-#: "local": the original block's output on the same (converted-stream) inputs;
-#: "original": the original block's output on the original model's own inputs;
-#: "residual": that, plus the drift of the residual stream (original minus converted hidden states), so the block
-#: also corrects the error the converted layers before it left (pre-norm families add attention to the stream).
-REFINE_TARGETS = ("local", "original", "residual")
+#: A module swap: `(parent, attribute name, old module, new module)`.
+Replacement = tuple[nn.Module, str, nn.Module, nn.Module]
+ConvertLayer = Callable[[object, "LayerStats | None"], nn.Module]
 
-#: What `refine` trains: "attention": the converted attention block alone (its new q/k/v/o), fitted to the
-#: targets above; "layer": a copy of the whole decoder layer around it (the converted attention plus the layer's
-#: MLP and norms), fitted to the original decoder layer's output, so the MLP also compensates what one KV head
-#: cannot carry. With "residual" / "original" targets the fit is to the original model's own trajectory.
-REFINE_SCOPES = ("attention", "layer")
+
+def run_data_free(model: nn.Module, plans: list, convert_layer: ConvertLayer) -> list[Replacement]:
+    """Convert each planned attention module from its weights alone; returns the replacements."""
+    replacements = []
+    for plan in plans:
+        parent_name, _, attr = plan.name.rpartition(".")
+        replacements.append((model.get_submodule(parent_name), attr, plan.module, convert_layer(plan, None)))
+    return replacements
 
 
 def _original_step(
@@ -113,7 +118,7 @@ def capture_all_layer_calls(
 
     def make_hook(i: int):
         def hook(module, args, kwargs):
-            kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "layer_past")}
+            kept = {k: v for k, v in kwargs.items() if k not in compat.CACHE_NAMES}
             if "use_cache" in kept:
                 kept["use_cache"] = False
             h = args[0] if args else kwargs["hidden_states"]
@@ -141,30 +146,27 @@ def capture_all_layer_calls(
     return hidden, calls
 
 
-def convert_calibrated(
+def run_sequential(
     model: nn.Module,
-    adapter: AttentionAdapter,
     plans: list,
-    convert_layer: Callable[[object, LayerStats], nn.Module],
+    convert_layer: ConvertLayer,
     blocks: torch.Tensor,
     batch_size: int = 4,
     sequential: bool = True,
-    refine_steps: int = 0,
-    refine_lr: float = 3e-4,
+    refine: Refine | None = None,
     show_progress: bool = True,
-    refine_target: str = "residual",
-    refine_scope: str = "attention",
-) -> tuple[list[tuple[nn.Module, str, nn.Module, nn.Module]], list[dict]]:
-    """Convert every planned layer on calibration data; returns the module replacements and per-layer logs.
+) -> tuple[list[Replacement], list[dict]]:
+    """Convert every planned layer on calibration `blocks` (`[n, block_size]` token ids); returns the module
+    replacements and per-layer logs.
 
     The model is left unchanged: replacements are swapped in only for the replay and swapped back out before
-    returning (the caller applies them all at once). With `refine_scope="layer"` a replacement is a whole
+    returning (the caller applies them all at once). With a `Refine` of `scope="layer"` a replacement is a whole
     decoder layer (a refined copy holding the converted attention), otherwise the attention module.
     """
-    if refine_target not in REFINE_TARGETS:
-        raise ValueError(f"refine_target must be one of {REFINE_TARGETS}, got {refine_target!r}")
-    if refine_scope not in REFINE_SCOPES:
-        raise ValueError(f"refine_scope must be one of {REFINE_SCOPES}, got {refine_scope!r}")
+    refine_steps = refine.steps if refine is not None else 0
+    refine_lr = refine.lr if refine is not None else 0.0
+    refine_target = refine.target if refine is not None else "residual"
+    refine_scope = refine.scope if refine is not None else "attention"
     layers = [model.get_submodule(p.name.rpartition(".")[0]) for p in plans]
     hidden, calls = capture_all_layer_calls(model, layers, blocks, batch_size)
     tracks_original = sequential and refine_steps > 0 and refine_target != "local"

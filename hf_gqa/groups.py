@@ -1,16 +1,20 @@
-"""Parsing of the `groups` values users type (in lm-eval `model_args` and on the command line)."""
+"""The one parser of the `groups` values users type, on the command line and in lm-eval `model_args`.
+
+One variant is a KV head count (`4`), `auto`, or one count per layer (`4:4:2:2`; `;`, `/`, `|` work too); a list of
+variants separates them with commas (`12,4,1`), as `hf-gqa eval` and `hf-gqa bench` take them.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
 
-from ..errors import GroupsError
+from .errors import GroupsError
 
 #: Separators of a per-layer list inside one value (a comma already separates lm-eval `model_args`).
 _LAYER_SEPARATORS = r"[;:/|\s]+"
 
-Groups = int | list[int]
+Groups = int | list[int] | str  # a count, one count per layer, or "auto"
 
 
 def _positive_int(text: str, whole: str) -> int:
@@ -24,7 +28,7 @@ def _positive_int(text: str, whole: str) -> int:
 
 
 def parse_groups(value: str | int | Sequence[int] | None) -> Groups | None:
-    """One `groups` value for `hf_gqa.patch`: an int, or a per-layer list written `4:4:2:2` (or `;`, `/`, `|`).
+    """One `groups` value for `hf_gqa.patch`: an int, `"auto"`, or a per-layer list written `4:4:2:2` (or `;`, `/`, `|`).
 
     None and the strings "", "none" and "original" mean "do not patch".
     """
@@ -36,6 +40,8 @@ def parse_groups(value: str | int | Sequence[int] | None) -> Groups | None:
         text = value.strip()
         if text.lower() in ("", "none", "original"):
             return None
+        if text.lower() == "auto":
+            return "auto"
         parts = [p for p in re.split(_LAYER_SEPARATORS, text) if p]
         numbers = [_positive_int(p, value) for p in parts]
         return numbers[0] if len(numbers) == 1 and not re.search(_LAYER_SEPARATORS, text) else numbers
@@ -71,9 +77,9 @@ def parse_int_list(text: str, what: str) -> list[int]:
 
 
 def groups_label(groups: Groups | None) -> str:
-    """A short display name: `original`, `kv=4`, `kv=4:4:2:2`."""
+    """A short display name: `original`, `kv=4`, `kv=4:4:2:2`, `kv=auto`."""
     if groups is None:
         return "original"
-    if isinstance(groups, int):
+    if isinstance(groups, (int, str)):
         return f"kv={groups}"
     return "kv=" + ":".join(str(g) for g in groups)

@@ -1,4 +1,4 @@
-"""`hf-gqa uptrain`: convert (optionally) and uptrain a model from the command line.
+"""`hf-gqa uptrain`: convert a model (optionally) and uptrain it with LoRA, K/V-only, attention-only or full training.
 
     hf-gqa uptrain --model path --groups 4 --data corpus.txt --method lora --steps 500 --out out/
     accelerate launch --multi_gpu --num_processes 2 -m hf_gqa.cli uptrain ...   # the same command, data parallel
@@ -6,9 +6,6 @@
 On a machine without a GPU, `accelerate launch --multi_gpu --num_processes N` (or `torchrun --nproc_per_node N`)
 starts N CPU processes and training runs data parallel on gloo; `accelerate launch --cpu` starts several processes
 only through MPI (`--mpirun_hostfile`), otherwise one.
-
-`add_uptrain_parser(subparsers)` adds the subcommand to the `hf-gqa` parser; `run_uptrain(args)` runs it. The
-module also runs on its own: `python -m hf_gqa.training_cli uptrain ...`.
 """
 
 from __future__ import annotations
@@ -17,32 +14,27 @@ import argparse
 import copy
 import json
 import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+from .options import (
+    CLIError,
+    add_conversion_arguments,
+    add_model_arguments,
+    check_conversion_arguments,
+    conversion_kwargs,
+    device_of,
+    groups_one,
+    load_model_from_args,
+    read_sources,
+    subcommand,
+)
 
 logger = logging.getLogger("hf_gqa")
 
-DEFAULT_MODEL = "smollm2"
 
-
-def _builtin_texts() -> dict[str, Callable[[], list[str]]]:
-    from . import data
-
-    return {
-        "builtin:austen": lambda: [data.train_text("austen")],
-        "builtin:wikipedia-train": lambda: [data.train_text("wikipedia")],
-        "builtin:wikipedia": data.heldout_documents,
-        "builtin:calibration": lambda: [data.calibration_text("mixed")],
-        "builtin:calibration-austen": lambda: [data.calibration_text("austen")],
-        "builtin:calibration-wikipedia": lambda: [data.calibration_text("wikipedia")],
-    }
-
-
-def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+@subcommand("uptrain")
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `uptrain` subcommand to `subparsers` (the result of `parser.add_subparsers()`)."""
     p = subparsers.add_parser(
         "uptrain",
@@ -50,31 +42,21 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         description=(
             "Uptrain a GQA-converted model on text with the transformers Trainer. Works under "
             "`accelerate launch` (data parallel) unchanged. Text arguments take files, folders of *.txt, "
-            "text shipped with hf_gqa (builtin:austen and builtin:wikipedia-train for training, builtin:wikipedia "
-            "for the held-out articles, builtin:calibration (Austen and Wikipedia interleaved), "
+            "text shipped with hf_gqa (builtin:train-austen and builtin:train-wikipedia for training, "
+            "builtin:heldout for the held-out articles, builtin:calibration (Austen and Wikipedia interleaved), "
             "builtin:calibration-austen and builtin:calibration-wikipedia; see hf_gqa/data/SOURCES.md), or a "
             "datasets name loaded with datasets.load_dataset."
         ),
     )
-    model = p.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="a local folder, a Hub id, a folder saved by hf_gqa, or 'smollm2' (the packaged SmolLM2-135M GGUF)",
+    add_model_arguments(p)
+    p.add_argument("--tokenizer", help="tokenizer path or id (default: the model's)")
+    p.add_argument(
+        "--groups",
+        type=groups_one,
+        help="convert first, to this many KV heads: N, one per layer (4:4:2:2), or auto (skipped without it)",
     )
-    model.add_argument("--gguf", help="GGUF file name inside --model to load from")
-    model.add_argument("--tokenizer", help="tokenizer path or id (default: the model's)")
-    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    convert = p.add_argument_group("conversion (skipped without --groups)")
-    convert.add_argument("--groups", help="KV heads after conversion: N, a comma list per layer, or 'auto'")
-    convert.add_argument("--merge", help="merge method passed to hf_gqa.patch (default: patch's default)")
-    convert.add_argument("--grouping", help="grouping method passed to hf_gqa.patch")
-    convert.add_argument(
-        "--calibration",
-        nargs="+",
-        help="calibration text for hf_gqa.patch (passed as calibration=, tokenizer=)",
-    )
-    convert.add_argument("--patch-kwargs", default="{}", help="other hf_gqa.patch keywords, as a JSON object")
+    add_conversion_arguments(p)
+    p.add_argument("--patch-kwargs", default="{}", help="other hf_gqa.patch keywords, as a JSON object")
     data = p.add_argument_group("data")
     data.add_argument("--data", nargs="+", required=True, help="training text")
     data.add_argument("--data-split", default="train", help="split for a datasets name (default: train)")
@@ -149,101 +131,32 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     out.add_argument(
         "--save-merged", action="store_true", help="LoRA: save the merged model instead of the adapter"
     )
-    p.set_defaults(func=run_uptrain)
+    p.set_defaults(func=run, model="smollm2")
     return p
 
 
-# -- loading ---------------------------------------------------------------------------------------------------
-def load_model(spec: str, gguf: str | None = None, dtype: torch.dtype = torch.float32):
-    """`(model, tokenizer_source)` for `--model`: 'smollm2', a GGUF, a folder saved by hf_gqa, or a Hub id."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def training_texts(items: list[str], split: str = "train") -> Any:
+    """Text for `uptrain`: builtin names and paths (`hf_gqa.data.text_source`), or one `datasets` name."""
+    item = items[0]
+    looks_local = item.startswith(("builtin", ".", "/", "~")) or Path(item).suffix or Path(item).exists()
+    if len(items) == 1 and not looks_local:  # a `datasets` name (Hub or local loader script)
+        import datasets
 
-    from .io import from_pretrained
-    from .patch import META_KEY
-
-    if spec == DEFAULT_MODEL and gguf is None and not Path(spec).exists():
-        from . import default_model
-
-        model, _ = default_model.load(dtype=dtype)
-        return dequantized(model), (str(default_model.gguf_dir()), default_model.GGUF_FILE)
-    if gguf:
-        model = AutoModelForCausalLM.from_pretrained(spec, gguf_file=gguf, dtype=dtype)
-        return dequantized(model), (spec, gguf)
-    config = AutoConfig.from_pretrained(spec)
-    if getattr(config.get_text_config(decoder=True), META_KEY, None):
-        return from_pretrained(spec, dtype=dtype), (spec, None)
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype), (spec, None)
-
-
-def dequantized(model):
-    """Mark a model loaded from GGUF (de-quantized to floats by transformers) as the plain float model it is, so
-    that `patch` converts it and the Trainer trains it."""
-    from . import patch as patch_module
-
-    forget = getattr(patch_module, "forget_gguf_quantizer", None)
-    if forget is not None:
-        forget(model)
-    if getattr(model, "hf_quantizer", None) is None and model.__dict__.get("is_quantized"):
-        model.is_quantized = False
-    return model
-
-
-def load_tokenizer(source: tuple[str, str | None]):
-    from transformers import AutoTokenizer
-
-    path, gguf = source
-    return (
-        AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
-    )
-
-
-def resolve_texts(items: list[str], split: str = "train", text_column: str = "text") -> Any:
-    """Text for `uptrain` from CLI arguments: paths, builtin names, or one datasets name."""
-    builtin = _builtin_texts()
-    texts: list[Any] = []
-    for item in items:
-        if item in builtin:
-            texts.extend(builtin[item]())
-        elif Path(item).exists():
-            texts.append(Path(item))
-        else:
-            import datasets
-
-            if len(items) > 1:
-                raise FileNotFoundError(f"{item} is not a file, a folder or a builtin text.")
-            return datasets.load_dataset(item, split=split)
-    return texts
-
-
-def _groups(value: str | None) -> int | list[int] | str | None:
-    if value is None or value == "auto":
-        return value
-    parts = [int(v) for v in value.split(",")]
-    return parts[0] if len(parts) == 1 else parts
+        return datasets.load_dataset(item, split=split)
+    return read_sources(items, "training")
 
 
 def convert(model, tokenizer, args: argparse.Namespace):
-    """Apply `hf_gqa.patch` with the CLI's conversion options (no-op without `--groups`)."""
-    import hf_gqa
+    """Apply `hf_gqa.patch` with the conversion options (no-op without `--groups`)."""
+    from ..patch import patch
 
     if args.groups is None:
         return model
-    kwargs: dict[str, Any] = json.loads(args.patch_kwargs)
-    if args.merge:
-        kwargs["merge"] = args.merge
-    if args.grouping:
-        kwargs["grouping"] = args.grouping
-    if args.calibration:
-        from .training import read_texts
-
-        kwargs["calibration"] = read_texts(resolve_texts(args.calibration))
-        kwargs["tokenizer"] = tokenizer
+    kwargs = {**conversion_kwargs(args, tokenizer), **json.loads(args.patch_kwargs)}
     try:
-        return hf_gqa.patch(model, groups=_groups(args.groups), **kwargs)
+        return patch(model, groups=args.groups, **kwargs)
     except TypeError as err:
-        raise SystemExit(
-            f"hf_gqa.patch does not accept these options ({err}); check --patch-kwargs."
-        ) from err
+        raise CLIError(f"hf_gqa.patch does not accept these options ({err}); check --patch-kwargs.") from err
 
 
 def _training_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -265,33 +178,35 @@ def _training_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- the command -----------------------------------------------------------------------------------------------
-def run_uptrain(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Load, convert, uptrain and save, as `hf-gqa uptrain` does; returns the exit status."""
     from accelerate import PartialState
 
-    import hf_gqa
+    from ..loading import load_model, load_tokenizer
+    from ..patch import is_patched
+    from ..training import LOSS_LOG, uptrain
 
-    from .training import LOSS_LOG, uptrain
-
-    dtype = getattr(torch, args.dtype)
-    model, tokenizer_source = load_model(args.model, args.gguf, dtype)
-    tokenizer = load_tokenizer((args.tokenizer, None) if args.tokenizer else tokenizer_source)
+    check_conversion_arguments(args)
+    train_data = training_texts(args.data, args.data_split)
+    eval_data = training_texts(args.eval_data, args.data_split) if args.eval_data else None
+    if args.dtype is None:
+        args.dtype = "float32"
+    model, tokenizer = load_model_from_args(args, tokenizer=args.tokenizer is None)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
 
     teacher = None
     if args.teacher == "original":
-        if hf_gqa.is_patched(model) and args.groups is None:
-            raise SystemExit(
+        if is_patched(model) and args.groups is None:
+            raise CLIError(
                 "--teacher without a path needs the unconverted model: pass --groups, or a teacher path."
             )
         teacher = copy.deepcopy(model).eval()
     elif args.teacher:
-        teacher = load_model(args.teacher, None, dtype)[0].eval()
+        teacher = load_model(args.teacher, dtype=args.dtype, device=device_of(args))
     model = convert(model, tokenizer, args)
-    if not hf_gqa.is_patched(model):
+    if not is_patched(model):
         logger.warning("hf-gqa uptrain: the model is not converted (no --groups); training it as it is.")
-
-    train_data = resolve_texts(args.data, args.data_split, args.text_column)
-    eval_data = resolve_texts(args.eval_data, args.data_split, args.text_column) if args.eval_data else None
     targets = args.target_modules.split(",") if args.target_modules else None
     trained = uptrain(
         model,
@@ -314,7 +229,7 @@ def run_uptrain(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         learning_rate=args.lr,
         output_dir=args.out,
-        merge=args.save_merged and args.method == "lora",
+        merge_adapter=args.save_merged and args.method == "lora",
         text_column=args.text_column,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         **_training_args(args),
@@ -337,15 +252,3 @@ def run_uptrain(args: argparse.Namespace) -> int:
         print(f"saved the {kind} to {out}")
     state.wait_for_everyone()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-gqa")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_uptrain_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
