@@ -168,6 +168,7 @@ def test_import_loads_neither_lm_eval_nor_matplotlib():
         "import sys, hf_gqa; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'matplotlib')]; "
         "print(bad); assert not bad, bad; "
+        "assert hf_gqa.data.calibration_text().strip(); "
         "hf_gqa.evaluation.register_lm_eval_model(); assert 'lm_eval' in sys.modules"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
