@@ -17,25 +17,11 @@ from hf_gqa.calibration import calibration_blocks
 from .cases import TINY
 from .cases.mha_shared import gpt2_config, make_model
 from .cases.own_attention import CASES as OWN_ATTENTION_CASES
+from .tiny import calibration_ids, logits, tiny_llama
 from .tokenizer_fixture import load_tokenizer
 
 OWN_ATTENTION = {c.name: c for c in OWN_ATTENTION_CASES}
 CALIB = dict(calibration_tokens=128, block_size=32, batch_size=2, show_progress=False)
-
-
-def tiny_llama(**kw):
-    torch.manual_seed(0)
-    config = LlamaConfig(**TINY, intermediate_size=128, num_attention_heads=8, num_key_value_heads=8, **kw)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-
-
-def calibration_ids(n: int = 512) -> torch.Tensor:
-    return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(5))
-
-
-def logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def snapshot(model) -> tuple[dict[str, torch.Tensor], list[type], dict]:

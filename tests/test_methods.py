@@ -11,31 +11,16 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 import hf_gqa
 from hf_gqa import pipeline
 from hf_gqa.methods import METHODS, Merge, Refine, get_method, register_merge
 
-from .cases import TINY
+from .tiny import calibration_ids, logits, tiny_llama
 
 PATCH_MODULE = importlib.import_module("hf_gqa.patch")  # `hf_gqa.patch` the attribute is the function
 CALIB = dict(calibration_tokens=128, block_size=32, batch_size=2, show_progress=False)
-
-
-def tiny_llama(kv: int = 8):
-    torch.manual_seed(0)
-    config = LlamaConfig(**TINY, intermediate_size=128, num_attention_heads=8, num_key_value_heads=kv)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-
-
-def calibration_ids(n: int = 512) -> torch.Tensor:
-    return torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(5))
-
-
-def logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def test_methods_declare_what_they_need():

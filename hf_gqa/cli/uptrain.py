@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..loading import load_model, load_tokenizer
     from ..patch import is_patched
-    from ..training import LOSS_LOG, uptrain
+    from ..training import LOSS_LOG, UptrainConfig, uptrain
 
     check_conversion_arguments(args)
     train_data = training_texts(args.data, args.data_split)
@@ -207,33 +207,28 @@ def run(args: argparse.Namespace) -> int:
     model = convert(model, tokenizer, args)
     if not is_patched(model):
         logger.warning("hf-gqa uptrain: the model is not converted (no --groups); training it as it is.")
-    targets = args.target_modules.split(",") if args.target_modules else None
-    trained = uptrain(
-        model,
-        tokenizer,
-        train_data,
+    config = UptrainConfig(
         method=args.method,
         max_steps=args.steps,
-        teacher=teacher,
+        learning_rate=args.lr,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.target_modules.split(",") if args.target_modules else None,
+        merge_adapter=args.save_merged and args.method == "lora",
         distill_weight=args.distill_weight,
         temperature=args.temperature,
         lm_weight=args.lm_weight,
         hidden_weight=args.hidden_weight,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets,
-        eval_data=eval_data,
+        block_size=args.block_size,
+        text_column=args.text_column,
         eval_fraction=args.eval_fraction,
         max_eval_blocks=args.max_eval_blocks,
-        block_size=args.block_size,
-        learning_rate=args.lr,
         output_dir=args.out,
-        merge_adapter=args.save_merged and args.method == "lora",
-        text_column=args.text_column,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
-        **_training_args(args),
+        training_args=_training_args(args),
     )
+    trained = uptrain(model, tokenizer, train_data, config, teacher=teacher, eval_data=eval_data)
 
     state = PartialState()
     if state.is_main_process:
