@@ -13,6 +13,7 @@ from .grouping import register_grouping
 from .io import from_pretrained, needs_hf_gqa_to_load
 from .methods import ConversionMethod, Refine, get_method, register_merge, register_method
 from .patch import is_patched, patch
+from .streaming import convert_checkpoint
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "RotarySpec",
     "UnconvertibleWeightsError",
     "UnsupportedArchitectureError",
+    "convert_checkpoint",
     "describe",
     "evaluate_perplexity",
     "from_pretrained",

@@ -30,15 +30,19 @@ class LayerPlan:
 
 
 def plan_layers(
-    model: PreTrainedModel, adapter: AttentionAdapter, groups: int | Sequence[int]
+    model: PreTrainedModel, adapter: AttentionAdapter, groups: int | Sequence[int], check: bool = True
 ) -> list[LayerPlan]:
-    """Validate `groups` against every attention module and the weights; touch nothing."""
+    """Validate `groups` against every attention module (and, with `check`, their weights); touch nothing.
+
+    `check=False` plans a model built on the meta device (a checkpoint streamed layer by layer checks each
+    module's weights as it loads them)."""
     modules = adapter.attention_modules(model)
     if not modules:
         raise UnsupportedArchitectureError(
             f"No {adapter.family} attention modules found in {type(model).__name__}; was it built by transformers?"
         )
-    check_weights(model, modules)
+    if check:
+        check_weights(model, modules)
     targets = _targets(groups, len(modules))
     plans = []
     for i, ((name, module), g) in enumerate(zip(modules, targets)):

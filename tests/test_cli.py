@@ -316,3 +316,32 @@ def test_eval_converts_with_calibration_before_loading_checks(model_dir, tmp_pat
     assert "no such calibration file" in err
     err = _fail(["bench", "--model", str(model_dir), "--groups", "2", "--merge", "nope"], capsys)
     assert "unknown merge 'nope'" in err and "refine" in err
+
+
+def test_convert_streams_a_safetensors_folder_by_default(model_dir, tmp_path, capsys):
+    """Data-free on a local safetensors folder: streamed, the same tensors as loading and patching (--no-stream)."""
+    streamed, loaded = tmp_path / "streamed", tmp_path / "loaded"
+    assert main(["convert", "--model", str(model_dir), "--groups", "2", "--out", str(streamed)]) == 0
+    assert "streamed 2 attention layers" in capsys.readouterr().out
+    assert (
+        main(["convert", "--model", str(model_dir), "--groups", "2", "--out", str(loaded), "--no-stream"])
+        == 0
+    )
+    a, b = hf_gqa.from_pretrained(streamed).state_dict(), hf_gqa.from_pretrained(loaded).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    err = _fail(
+        [
+            "convert",
+            "--model",
+            str(model_dir),
+            "--groups",
+            "2",
+            "--out",
+            str(loaded),
+            "--stream",
+            "--calibration",
+            "builtin",
+        ],
+        capsys,
+    )
+    assert "--stream converts a local safetensors folder with a data-free method" in err

@@ -1,0 +1,312 @@
+"""Converting a checkpoint on disk without building the model: one attention module in memory at a time.
+
+    hf_gqa.convert_checkpoint("llama-65b/", "llama-65b-gqa8/", groups=8)        # mean pooling, shard by shard
+
+The model is built on the meta device (accelerate's `init_empty_weights`), so its structure, the family adapter
+and the conversion plan are known without a single weight in memory. The output layout (which tensor goes in
+which shard) is planned up front from a meta copy converted to the target layout (huggingface_hub's
+`split_torch_state_dict_into_shards`). Each output shard is then filled in turn: tensors the conversion does not
+touch are read lazily from the source shards (safetensors' `safe_open`) and written unchanged (same dtype); the
+tensors of an attention module are loaded into its meta module (accelerate's `set_module_tensor_to_device`),
+converted by the same adapter and method as `patch`, written, and dropped. Peak memory is about one output shard
+(`max_shard_size`) plus one attention module, whatever the model's size.
+
+Data-free methods only (`mean`, `first`, registered closed forms that need no calibration); the calibrated
+methods need activations and run on a loaded model (`hf_gqa.patch`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from .architectures import get_adapter
+from .checks import check_weights
+from .errors import GQAError
+from .grouping import CALIBRATED_GROUPINGS, get_grouping
+from .io import rebuild_layout
+from .methods import ConversionMethod, get_method
+from .patch import FORMAT_VERSION, META_KEY
+from .planning import LayerPlan, convert_weights, plan_layers
+
+SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
+#: Files of a model folder that are weights (not copied as they are).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+@dataclass
+class StreamReport:
+    """What `convert_checkpoint` did: layers converted, bytes read and written, seconds."""
+
+    out: Path
+    layers: int
+    shards: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    kv_heads_before: list[int]
+    kv_heads_after: list[int]
+
+    def __str__(self) -> str:
+        before, after = sorted(set(self.kv_heads_before)), sorted(set(self.kv_heads_after))
+        return (
+            f"streamed {self.layers} attention layers, KV heads {before} -> {after} per layer; read "
+            f"{self.bytes_read / 2**20:,.1f} MiB, wrote {self.bytes_written / 2**20:,.1f} MiB in {self.shards} "
+            f"shard(s) to {self.out} in {self.seconds:.1f} s"
+        )
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    groups: int | Sequence[int],
+    method: str | ConversionMethod = "mean",
+    grouping: str = "consecutive",
+    *,
+    max_shard_size: int | str = "1GB",
+    show_progress: bool = True,
+) -> StreamReport:
+    """Convert the safetensors checkpoint in folder `src` to `groups` KV heads and write it to `dst`.
+
+    The result equals `hf_gqa.patch(model, groups, method)` of the loaded model, tensor for tensor, and loads as
+    that model does: with plain transformers for natively-GQA families converted uniformly, with
+    `hf_gqa.from_pretrained` otherwise. Every tensor keeps its dtype (a bf16 checkpoint stays bf16).
+
+    Args:
+        src: a folder with `config.json` and `model.safetensors` or a sharded `model.safetensors.index.json`.
+        dst: the output folder (created); tokenizer and other non-weight files of `src` are copied.
+        groups, method, grouping: as for `hf_gqa.patch` (data-free methods only).
+        max_shard_size: the largest output shard; peak memory is about this plus one attention module.
+
+    Raises:
+        GQAError: a calibrated method, a folder without safetensors weights, or bad `groups` (before anything is
+            written).
+    """
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    method = get_method(method)
+    if method.needs_calibration or grouping in CALIBRATED_GROUPINGS:
+        raise GQAError(
+            f"method {method.label!r} / grouping={grouping!r} need calibration activations, which a streamed "
+            "conversion does not compute: load the model and use hf_gqa.patch(..., calibration=...)."
+        )
+    grouping_fn = get_grouping(grouping)
+    weight_map = _source_weight_map(src)
+    config = AutoConfig.from_pretrained(src)
+    model = _meta_model(config)
+    adapter = get_adapter(model)
+    plans = plan_layers(model, adapter, groups, check=False)
+    keys = _model_keys(model, weight_map)
+    target = _meta_model(AutoConfig.from_pretrained(src))
+    rebuild_layout(target, [p.kv_heads_after for p in plans], {})
+    target_state = target.state_dict()
+    layout = split_torch_state_dict_into_shards(
+        {k: target_state[k] for k in keys.values() if k in target_state},
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    by_module = {p.name: p for p in plans}
+    owner = {key: _owning_module(key, by_module) for key in keys.values()}
+    to_source = {model_key: source_key for source_key, model_key in keys.items()}
+
+    dst.mkdir(parents=True, exist_ok=True)
+    converted: dict[str, dict[str, torch.Tensor]] = {}
+    read = written = 0
+    with ExitStack() as stack:
+        handles = {
+            f: stack.enter_context(safe_open(str(src / f), framework="pt"))
+            for f in sorted(set(weight_map.values()))
+        }
+        files = tqdm(layout.filename_to_tensors.items(), desc="hf_gqa: streaming", disable=not show_progress)
+        for filename, model_keys in files:
+            tensors: dict[str, torch.Tensor] = {}
+            for key in model_keys:
+                plan = owner[key]
+                if plan is None:
+                    tensor = handles[weight_map[to_source[key]]].get_tensor(to_source[key])
+                    read += tensor.numel() * tensor.element_size()
+                    tensors[key] = tensor
+                    continue
+                if plan.name not in converted:
+                    converted[plan.name], size = _convert_module(
+                        model, adapter, plan, method, grouping_fn, handles, weight_map, to_source
+                    )
+                    read += size
+                tensors[key] = converted[plan.name].pop(key)
+                if not converted[plan.name]:
+                    del converted[plan.name]
+            written += sum(t.numel() * t.element_size() for t in tensors.values())
+            save_file(
+                {k: t.contiguous() for k, t in tensors.items()},
+                str(dst / filename),
+                metadata={"format": "pt"},
+            )
+    if layout.is_sharded:
+        index = {"metadata": {"total_size": written}, "weight_map": layout.tensor_to_filename}
+        (dst / SAFE_WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _write_config(AutoConfig.from_pretrained(src), adapter, plans, method, grouping, dst)
+    _copy_other_files(src, dst)
+    return StreamReport(
+        dst,
+        len(plans),
+        len(layout.filename_to_tensors),
+        read,
+        written,
+        time.perf_counter() - start,
+        [p.kv_heads_before for p in plans],
+        [p.kv_heads_after for p in plans],
+    )
+
+
+# -- the source checkpoint ---------------------------------------------------------------------------------------
+def _source_weight_map(src: Path) -> dict[str, str]:
+    """`{tensor name: file name}` of the safetensors checkpoint in `src`."""
+    index = src / SAFE_WEIGHTS_INDEX
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = src / "model.safetensors"
+    if not single.exists():
+        raise GQAError(
+            f"{src} holds no safetensors checkpoint (model.safetensors or {SAFE_WEIGHTS_INDEX}); a streamed "
+            "conversion reads safetensors only. Load the model and save it with save_pretrained first."
+        )
+    with safe_open(str(single), framework="pt") as f:
+        return {key: single.name for key in f.keys()}
+
+
+def _meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The model of `config` on the meta device; a checkpoint hf_gqa converted before gets its saved layout."""
+    meta = getattr(config, META_KEY, None)
+    if meta:
+        from .io import _adapter_for_config
+
+        _adapter_for_config(config).restore_config(config, meta)
+        delattr(config, META_KEY)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    if meta:
+        rebuild_layout(model, list(meta["kv_heads"]), meta)
+    return model
+
+
+def _model_keys(model: PreTrainedModel, weight_map: dict[str, str]) -> dict[str, str]:
+    """`{source tensor name: model state_dict name}` for every source tensor the model has (the names a checkpoint
+    saved by transformers uses, legacy renamings and a missing base-model prefix included)."""
+    from .io import _to_model_keys
+
+    expected = set(model.state_dict())
+    renamed = _to_model_keys(model, dict.fromkeys(weight_map))
+    mapping = {}
+    for source, candidate in zip(weight_map, renamed):
+        for name in (source, candidate, f"{model.base_model_prefix}.{source}"):
+            if name in expected:
+                mapping[source] = name
+                break
+        else:
+            raise GQAError(f"{source} in the checkpoint is not a tensor of {type(model).__name__}.")
+    return mapping
+
+
+def _owning_module(key: str, plans: dict[str, LayerPlan]) -> LayerPlan | None:
+    """The planned attention module `key` belongs to, or None."""
+    prefix = key.rpartition(".")[0]
+    while prefix:
+        if prefix in plans:
+            return plans[prefix]
+        prefix = prefix.rpartition(".")[0]
+    return None
+
+
+# -- one attention module -----------------------------------------------------------------------------------------
+def _convert_module(
+    model: PreTrainedModel,
+    adapter,
+    plan: LayerPlan,
+    method: ConversionMethod,
+    grouping_fn,
+    handles: dict,
+    weight_map: dict[str, str],
+    to_source: dict[str, str],
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Load one attention module's tensors into its meta module, convert it as `patch` does, and return the
+    converted module's tensors by model key, with the bytes read. The meta module is emptied again."""
+    module: nn.Module = plan.module
+    size = 0
+    names = [name for name, _ in module.named_parameters()] + [name for name, _ in module.named_buffers()]
+    for name in names:
+        key = f"{plan.name}.{name}"
+        if key in to_source:
+            tensor = handles[weight_map[to_source[key]]].get_tensor(to_source[key])
+            size += tensor.numel() * tensor.element_size()
+            set_module_tensor_to_device(module, name, "cpu", value=tensor, dtype=tensor.dtype)
+    check_weights(model, [(plan.name, module)])
+    weights = convert_weights(adapter.read(module), plan.kv_heads_after, method, grouping_fn, None)
+    new = adapter.build(module, weights)
+    state = {f"{plan.name}.{name}": t.detach().clone() for name, t in new.state_dict().items()}
+    for name in names:
+        set_module_tensor_to_device(module, name, "meta")
+    return {k: v for k, v in state.items() if k in to_source}, size
+
+
+# -- config and the other files ----------------------------------------------------------------------------------
+def _write_config(
+    config: PretrainedConfig,
+    adapter,
+    plans: list[LayerPlan],
+    method: ConversionMethod,
+    grouping: str,
+    dst: Path,
+) -> None:
+    """The source config with the converted KV head counts and hf_gqa's metadata, as `patch` records them."""
+    text = config.get_text_config(decoder=True)
+    previous = getattr(text, META_KEY, None) or {}
+    for key, value in adapter.config_updates(text, [p.kv_heads_after for p in plans]).items():
+        setattr(text, key, value)
+    setattr(
+        text,
+        META_KEY,
+        {
+            "version": FORMAT_VERSION,
+            "family": adapter.family,
+            "num_heads": [p.num_heads for p in plans],
+            "head_dim": [p.head_dim for p in plans],
+            "original_kv_heads": previous.get("original_kv_heads", [p.kv_heads_before for p in plans]),
+            "kv_heads": [p.kv_heads_after for p in plans],
+            "merge": method.label,
+            "grouping": grouping,
+        },
+    )
+    config.save_pretrained(dst)
+
+
+def _copy_other_files(src: Path, dst: Path) -> None:
+    """Tokenizer, generation config and the like: every file of `src` that is not a weight, index or config."""
+    for path in src.iterdir():
+        if (
+            path.is_file()
+            and not path.name.endswith(_WEIGHT_SUFFIXES)
+            and path.name
+            not in (
+                "config.json",
+                SAFE_WEIGHTS_INDEX,
+            )
+        ):
+            shutil.copy2(path, dst / path.name)
+
+
+__all__ = ["StreamReport", "convert_checkpoint"]
