@@ -71,6 +71,119 @@ class StreamReport:
         )
 
 
+@dataclass
+class CheckpointPlan:
+    """What a streamed conversion will do, known before any weight is read (`hf-gqa convert --dry-run`)."""
+
+    src: Path
+    model: PreTrainedModel  # on the meta device
+    adapter: object
+    method: ConversionMethod
+    layers: list[LayerPlan]
+    weight_map: dict[str, str]  # source tensor name -> source file
+    to_source: dict[str, str]  # model tensor name -> source tensor name
+    layout: object  # huggingface_hub StateDictSplit of the output
+    source_bytes: int
+    output_bytes: int
+    largest_shard_bytes: int
+    largest_module_bytes: int
+
+    @property
+    def peak_bytes_estimate(self) -> int:
+        """Weights in memory at the worst moment: one output shard, plus one attention module read and rebuilt."""
+        return self.largest_shard_bytes + 2 * self.largest_module_bytes
+
+    def __str__(self) -> str:
+        mib = 2**20
+        before = sorted({p.kv_heads_before for p in self.layers})
+        after = sorted({p.kv_heads_after for p in self.layers})
+        return (
+            f"{len(self.layers)} {self.adapter.family} attention layers, KV heads {before} -> {after} "
+            f"({self.method.label}); checkpoint {self.source_bytes / mib:,.1f} MiB -> {self.output_bytes / mib:,.1f} "
+            f"MiB in {len(self.layout.filename_to_tensors)} shard(s); weights in memory at most about "
+            f"{self.peak_bytes_estimate / mib:,.1f} MiB (largest shard {self.largest_shard_bytes / mib:,.1f} MiB, "
+            f"attention module {self.largest_module_bytes / mib:,.1f} MiB), plus the Python, torch and "
+            "transformers imports"
+        )
+
+
+def plan_checkpoint(
+    src: str | Path,
+    groups: int | Sequence[int],
+    method: str | ConversionMethod = "mean",
+    grouping: str = "consecutive",
+    *,
+    max_shard_size: int | str = "1GB",
+) -> CheckpointPlan:
+    """Plan a streamed conversion of the checkpoint in `src`: validate everything and size the output and the peak
+    memory, reading only the config and the safetensors headers."""
+    src = Path(src)
+    method = get_method(method)
+    if method.needs_calibration or grouping in CALIBRATED_GROUPINGS:
+        raise GQAError(
+            f"method {method.label!r} / grouping={grouping!r} need calibration activations, which a streamed "
+            "conversion does not compute: load the model and use hf_gqa.patch(..., calibration=...)."
+        )
+    get_grouping(grouping)
+    weight_map = _source_weight_map(src)
+    model = _meta_model(AutoConfig.from_pretrained(src))
+    adapter = get_adapter(model)
+    plans = plan_layers(model, adapter, groups, check=False)
+    to_source = {model_key: source_key for source_key, model_key in _model_keys(model, weight_map).items()}
+    dtypes = _source_dtypes(src, weight_map)
+    target = _meta_model(AutoConfig.from_pretrained(src))
+    rebuild_layout(target, [p.kv_heads_after for p in plans], {})
+    target_state = target.state_dict()
+    planned = {
+        key: torch.empty(target_state[key].shape, dtype=dtypes[source], device="meta")
+        for key, source in to_source.items()
+    }
+    layout = split_torch_state_dict_into_shards(
+        planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    nbytes = {key: t.numel() * t.element_size() for key, t in planned.items()}
+    source_state = model.state_dict()
+    source_nbytes = {
+        key: source_state[key].numel() * dtypes[source].itemsize for key, source in to_source.items()
+    }
+    by_module: dict[str, int] = {}
+    by_name = {p.name: p for p in plans}
+    for key in to_source:
+        owner = _owning_module(key, by_name)
+        if owner is not None:
+            by_module[owner.name] = by_module.get(owner.name, 0) + source_nbytes[key]
+    return CheckpointPlan(
+        src,
+        model,
+        adapter,
+        method,
+        plans,
+        weight_map,
+        to_source,
+        layout,
+        sum(source_nbytes.values()),
+        sum(nbytes.values()),
+        max(sum(nbytes[k] for k in keys) for keys in layout.filename_to_tensors.values()),
+        max(by_module.values(), default=0),
+    )
+
+
+def _source_dtypes(src: Path, weight_map: dict[str, str]) -> dict[str, torch.dtype]:
+    """The dtype of every source tensor, from the safetensors headers (no tensor is read)."""
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    dtypes = {}
+    for file in sorted(set(weight_map.values())):
+        with safe_open(str(src / file), framework="pt") as f:
+            for key in f.keys():
+                code = f.get_slice(key).get_dtype()
+                if code not in names:
+                    raise GQAError(
+                        f"{key} in {file} is {code}; a streamed conversion converts float tensors."
+                    )
+                dtypes[key] = names[code]
+    return dtypes
+
+
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -98,31 +211,13 @@ def convert_checkpoint(
             written).
     """
     start = time.perf_counter()
-    src, dst = Path(src), Path(dst)
-    method = get_method(method)
-    if method.needs_calibration or grouping in CALIBRATED_GROUPINGS:
-        raise GQAError(
-            f"method {method.label!r} / grouping={grouping!r} need calibration activations, which a streamed "
-            "conversion does not compute: load the model and use hf_gqa.patch(..., calibration=...)."
-        )
-    grouping_fn = get_grouping(grouping)
-    weight_map = _source_weight_map(src)
-    config = AutoConfig.from_pretrained(src)
-    model = _meta_model(config)
-    adapter = get_adapter(model)
-    plans = plan_layers(model, adapter, groups, check=False)
-    keys = _model_keys(model, weight_map)
-    target = _meta_model(AutoConfig.from_pretrained(src))
-    rebuild_layout(target, [p.kv_heads_after for p in plans], {})
-    target_state = target.state_dict()
-    layout = split_torch_state_dict_into_shards(
-        {k: target_state[k] for k in keys.values() if k in target_state},
-        filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size,
-    )
-    by_module = {p.name: p for p in plans}
-    owner = {key: _owning_module(key, by_module) for key in keys.values()}
-    to_source = {model_key: source_key for source_key, model_key in keys.items()}
+    dst = Path(dst)
+    plan = plan_checkpoint(src, groups, method, grouping, max_shard_size=max_shard_size)
+    src, model, adapter, plans, weight_map = plan.src, plan.model, plan.adapter, plan.layers, plan.weight_map
+    method, grouping_fn = plan.method, get_grouping(grouping)
+    layout, to_source = plan.layout, plan.to_source
+    by_name = {p.name: p for p in plans}
+    owner = {key: _owning_module(key, by_name) for key in to_source}
 
     dst.mkdir(parents=True, exist_ok=True)
     converted: dict[str, dict[str, torch.Tensor]] = {}
@@ -136,20 +231,20 @@ def convert_checkpoint(
         for filename, model_keys in files:
             tensors: dict[str, torch.Tensor] = {}
             for key in model_keys:
-                plan = owner[key]
-                if plan is None:
+                layer = owner[key]
+                if layer is None:
                     tensor = handles[weight_map[to_source[key]]].get_tensor(to_source[key])
                     read += tensor.numel() * tensor.element_size()
                     tensors[key] = tensor
                     continue
-                if plan.name not in converted:
-                    converted[plan.name], size = _convert_module(
-                        model, adapter, plan, method, grouping_fn, handles, weight_map, to_source
+                if layer.name not in converted:
+                    converted[layer.name], size = _convert_module(
+                        model, adapter, layer, method, grouping_fn, handles, weight_map, to_source
                     )
                     read += size
-                tensors[key] = converted[plan.name].pop(key)
-                if not converted[plan.name]:
-                    del converted[plan.name]
+                tensors[key] = converted[layer.name].pop(key)
+                if not converted[layer.name]:
+                    del converted[layer.name]
             written += sum(t.numel() * t.element_size() for t in tensors.values())
             save_file(
                 {k: t.contiguous() for k, t in tensors.items()},
@@ -309,4 +404,4 @@ def _copy_other_files(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-__all__ = ["StreamReport", "convert_checkpoint"]
+__all__ = ["CheckpointPlan", "StreamReport", "convert_checkpoint", "plan_checkpoint"]

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import hf_gqa
+import hf_gqa.streaming
 
 from .cases import FamilyCase, all_cases
 from .tiny import logits, tiny_llama
@@ -82,3 +83,22 @@ def test_calibrated_methods_and_bad_groups_are_refused_before_writing(tmp_path):
     with pytest.raises(hf_gqa.GQAError, match="safetensors"):
         hf_gqa.convert_checkpoint(tmp_path, dst, groups=2)
     assert not dst.exists()
+
+
+def test_the_plan_sizes_output_and_memory_before_reading_weights(tmp_path):
+    src = tmp_path / "src"
+    tiny_llama().to(torch.bfloat16).save_pretrained(src, max_shard_size="30KB")
+    plan = hf_gqa.streaming.plan_checkpoint(src, groups=2, max_shard_size="50KB")
+    source = 0
+    for file in src.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            source += sum(f.get_tensor(k).numel() * 2 for k in f.keys())
+    assert plan.source_bytes == source
+    # k_proj and v_proj shrink from 8 to 2 heads: 2 * 2 layers * 6 * d * hidden bf16 values fewer
+    assert plan.source_bytes - plan.output_bytes == 2 * 2 * 6 * 8 * 64 * 2
+    assert plan.largest_shard_bytes <= 50_000 and plan.largest_module_bytes == 4 * 64 * 64 * 2
+    assert "weights in memory at most about" in str(plan)
+    dst = tmp_path / "dst"
+    hf_gqa.convert_checkpoint(src, dst, groups=2, max_shard_size="50KB", show_progress=False)
+    written = sorted(dst.glob("*.safetensors"))
+    assert len(written) == len(plan.layout.filename_to_tensors)

@@ -58,9 +58,16 @@ def run(args: argparse.Namespace) -> int:
         args.conversion_seed = 0
     check_conversion_arguments(args)
     if _streams(args):
-        from ..streaming import convert_checkpoint
+        from ..streaming import convert_checkpoint, plan_checkpoint
 
         method = args.merge or "mean"
+        if args.dry_run:
+            print(
+                plan_checkpoint(
+                    args.model, args.groups, method, args.grouping, max_shard_size=args.max_shard_size
+                )
+            )
+            return 0
         print(
             convert_checkpoint(
                 args.model, args.out, args.groups, method, args.grouping, max_shard_size=args.max_shard_size
@@ -68,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"saved to {args.out} (load with {_how_to_load(Path(args.out))})")
         return 0
+    if args.dry_run:
+        raise CLIError(
+            "--dry-run plans a streamed conversion (a data-free method on a local safetensors folder)"
+        )
     model, tokenizer = load_model_from_args(args)
     patch(model, groups=args.groups, **conversion_kwargs(args, tokenizer))
     out = Path(args.out)
