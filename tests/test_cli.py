@@ -345,3 +345,27 @@ def test_convert_streams_a_safetensors_folder_by_default(model_dir, tmp_path, ca
         capsys,
     )
     assert "--stream converts a local safetensors folder with a data-free method" in err
+
+
+def test_lm_eval_command_line_knows_the_model_and_the_offline_tasks(model_dir, tmp_path):
+    """`hf-gqa lm-eval <lm-eval's arguments>`: lm-eval's CLI, run in a subprocess, with `hf-gqa` and our tasks."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "hf_gqa.cli", "lm-eval"]
+    shown = subprocess.run([*command, "run", "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert shown.returncode == 0 and "--model_args" in shown.stdout and "--include_path" in shown.stdout
+    out = tmp_path / "results"
+    args = [
+        "--model",
+        "hf-gqa",
+        "--model_args",
+        f"pretrained={model_dir},groups=2",
+        "--tasks",
+        "hf_gqa_arc_easy",
+    ]
+    args += ["--limit", "4", "--device", "cpu", "--batch_size", "2", "--output_path", str(out)]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "hf_gqa_arc_easy" in done.stdout and "acc" in done.stdout
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert results["config"]["model"] == "hf-gqa" and results["config"]["model_args"]["groups"] == 2
+    assert set(results["results"]["hf_gqa_arc_easy"]) >= {"acc,none", "acc_norm,none"}
