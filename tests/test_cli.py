@@ -369,3 +369,29 @@ def test_lm_eval_command_line_knows_the_model_and_the_offline_tasks(model_dir, t
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     assert results["config"]["model"] == "hf-gqa" and results["config"]["model_args"]["groups"] == 2
     assert set(results["results"]["hf_gqa_arc_easy"]) >= {"acc,none", "acc_norm,none"}
+
+
+@pytest.mark.parametrize("command", ["convert", "eval", "bench", "uptrain"])
+def test_groups_that_do_not_fit_fail_before_any_weight_loads(
+    command, model_dir, tmp_path, capsys, monkeypatch
+):
+    import hf_gqa.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before --groups was checked")
+
+    monkeypatch.setattr(hf_gqa.loading, "load_model", no_loading)
+    argv = [command, "--model", str(model_dir), "--groups", "3"]
+    argv += {
+        "convert": ["--out", str(tmp_path)],
+        "uptrain": ["--data", "builtin:train-austen", "--out", str(tmp_path)],
+    }.get(command, [])
+    err = _fail(argv, capsys)
+    assert "does not divide the 4 query heads" in err
+
+
+def test_convert_dry_run_prints_the_plan_and_writes_nothing(model_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["convert", "--model", str(model_dir), "--groups", "2", "--out", str(out), "--dry-run"]) == 0
+    assert "weights in memory at most about" in capsys.readouterr().out
+    assert not out.exists()

@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.bench import bench
 
-    check_conversion_arguments(args)
+    check_conversion_arguments(args, args.groups)
     model, tokenizer = load_model_from_args(args, tokenizer=args.calibration is not None)
     report = bench(
         model,

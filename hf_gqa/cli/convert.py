@@ -45,6 +45,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--max-shard-size", default="1GB", help="largest output shard of a streamed conversion (1GB)"
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with a streamed conversion: print the plan (layers, sizes, peak memory) and write nothing",
+    )
     p.add_argument("--seed", dest="conversion_seed", type=int, help=argparse.SUPPRESS)  # older spelling
     p.set_defaults(func=run)
     return p
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.conversion_seed is None:
         args.conversion_seed = 0
-    check_conversion_arguments(args)
+    check_conversion_arguments(args, [args.groups])
     if _streams(args):
         from ..streaming import convert_checkpoint, plan_checkpoint
 

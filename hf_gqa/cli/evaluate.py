@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.compare import SpeedSettings, check_tasks, compare
 
     manager = check_tasks(args.tasks)  # an unknown task, or one without data, fails before the model loads
-    check_conversion_arguments(args)
+    check_conversion_arguments(args, args.groups)
     model, tokenizer = load_model_from_args(args)
     layout = kv_layout(model)
     variants = [g for g in args.groups if not layout.is_unchanged_by(g)]

@@ -106,6 +106,37 @@ def device_of(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_groups_before_loading(args: argparse.Namespace, variants: list) -> None:
+    """Refuse `--groups` values that do not fit the model, from its config alone (the model built on the meta
+    device), before minutes of loading weights. Models that are neither a local folder nor `smollm2` (Hub ids)
+    are checked after loading, by `patch`."""
+    from pathlib import Path
+
+    from ..loading import DEFAULT_MODEL, split_gguf
+
+    if args.model is None or not (Path(args.model).exists() or args.model == DEFAULT_MODEL):
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..architectures import get_adapter
+    from ..planning import plan_layers
+    from ..streaming import _meta_model
+
+    path, gguf_file = split_gguf(args.model, args.gguf_file)
+    if gguf_file:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, gguf_file=gguf_file))
+    elif (Path(path) / "config.json").exists():
+        model = _meta_model(AutoConfig.from_pretrained(path))
+    else:
+        return  # not a transformers folder: loading says so
+    adapter = get_adapter(model)
+    for groups in variants:
+        if groups not in ("auto", None):
+            plan_layers(model, adapter, groups, check=False)
+
+
 def load_model_from_args(args: argparse.Namespace, tokenizer: bool = True):
     """`(model, tokenizer or None)` from the model arguments, through `hf_gqa.loading`."""
     from ..loading import load_model, load_tokenizer
@@ -155,9 +186,9 @@ def add_conversion_arguments(parser: argparse.ArgumentParser, merge_default: str
     )
 
 
-def check_conversion_arguments(args: argparse.Namespace) -> None:
-    """What can be refused before any model is loaded: an unknown method or grouping, missing calibration files,
-    `--groups auto` without its budget and data."""
+def check_conversion_arguments(args: argparse.Namespace, variants: list) -> None:
+    """What can be refused before any weight is loaded: an unknown method or grouping, missing calibration files,
+    `--groups auto` without its budget and data, and `variants` (the `groups` values) that do not fit the model."""
     from ..grouping import GROUPING_METHODS
     from ..methods import METHODS
 
@@ -171,6 +202,7 @@ def check_conversion_arguments(args: argparse.Namespace) -> None:
         raise CLIError("--groups auto needs --kv-budget and --calibration")
     for source in args.calibration or []:
         text_source(source, "calibration")  # a missing file fails here, before the model loads
+    check_groups_before_loading(args, variants)
 
 
 def conversion_kwargs(args: argparse.Namespace, tokenizer) -> dict[str, Any]:

@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from ..patch import is_patched
     from ..training import LOSS_LOG, UptrainConfig, uptrain
 
-    check_conversion_arguments(args)
+    check_conversion_arguments(args, [args.groups])
     train_data = training_texts(args.data, args.data_split)
     eval_data = training_texts(args.eval_data, args.data_split) if args.eval_data else None
     if args.dtype is None:
