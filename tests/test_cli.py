@@ -395,3 +395,13 @@ def test_convert_dry_run_prints_the_plan_and_writes_nothing(model_dir, tmp_path,
     assert main(["convert", "--model", str(model_dir), "--groups", "2", "--out", str(out), "--dry-run"]) == 0
     assert "weights in memory at most about" in capsys.readouterr().out
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "options", [["--merge", "score"], ["--grouping", "similarity"], ["--refine-steps", "5"]]
+)
+def test_calibrated_options_without_text_name_the_flag(options, model_dir, tmp_path, capsys):
+    err = _fail(
+        ["convert", "--model", str(model_dir), "--groups", "2", "--out", str(tmp_path), *options], capsys
+    )
+    assert "needs calibration text: add --calibration builtin" in err and "tokenizer=" not in err

@@ -200,6 +200,17 @@ def check_conversion_arguments(args: argparse.Namespace, variants: list) -> None
         )
     if getattr(args, "groups", None) == "auto" and (args.kv_budget is None or args.calibration is None):
         raise CLIError("--groups auto needs --kv-budget and --calibration")
+    from ..grouping import CALIBRATED_GROUPINGS
+    from ..methods import get_method
+
+    needs = (args.merge is not None and get_method(args.merge).needs_calibration) or args.refine_steps
+    if args.calibration is None and (needs or args.grouping in CALIBRATED_GROUPINGS):
+        asked = f"--merge {args.merge}" if args.merge else f"--grouping {args.grouping}"
+        if args.refine_steps and not args.merge:
+            asked = "--refine-steps"
+        raise CLIError(
+            f"{asked} needs calibration text: add --calibration builtin (the shipped text), a .txt file or a folder"
+        )
     for source in args.calibration or []:
         text_source(source, "calibration")  # a missing file fails here, before the model loads
     check_groups_before_loading(args, variants)
