@@ -21,7 +21,6 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +89,9 @@ class CheckpointPlan:
 
     @property
     def peak_bytes_estimate(self) -> int:
-        """Weights in memory at the worst moment: one output shard, plus one attention module read and rebuilt."""
-        return self.largest_shard_bytes + 2 * self.largest_module_bytes
+        """Weights in memory at the worst moment: one output shard and its serialised copy (safetensors writes a
+        file from one buffer), plus one attention module read and rebuilt."""
+        return 2 * self.largest_shard_bytes + 2 * self.largest_module_bytes
 
     def __str__(self) -> str:
         mib = 2**20
@@ -221,36 +221,26 @@ def convert_checkpoint(
 
     dst.mkdir(parents=True, exist_ok=True)
     converted: dict[str, dict[str, torch.Tensor]] = {}
-    read = written = 0
-    with ExitStack() as stack:
-        handles = {
-            f: stack.enter_context(safe_open(str(src / f), framework="pt"))
-            for f in sorted(set(weight_map.values()))
-        }
-        files = tqdm(layout.filename_to_tensors.items(), desc="hf_gqa: streaming", disable=not show_progress)
-        for filename, model_keys in files:
-            tensors: dict[str, torch.Tensor] = {}
-            for key in model_keys:
-                layer = owner[key]
-                if layer is None:
-                    tensor = handles[weight_map[to_source[key]]].get_tensor(to_source[key])
-                    read += tensor.numel() * tensor.element_size()
-                    tensors[key] = tensor
-                    continue
-                if layer.name not in converted:
-                    converted[layer.name], size = _convert_module(
-                        model, adapter, layer, method, grouping_fn, handles, weight_map, to_source
-                    )
-                    read += size
-                tensors[key] = converted[layer.name].pop(key)
-                if not converted[layer.name]:
-                    del converted[layer.name]
-            written += sum(t.numel() * t.element_size() for t in tensors.values())
-            save_file(
-                {k: t.contiguous() for k, t in tensors.items()},
-                str(dst / filename),
-                metadata={"format": "pt"},
-            )
+    written = 0
+    reader = SourceReader(src, weight_map, to_source)
+    files = tqdm(layout.filename_to_tensors.items(), desc="hf_gqa: streaming", disable=not show_progress)
+    for filename, model_keys in files:
+        tensors: dict[str, torch.Tensor] = {}
+        for key in model_keys:
+            layer = owner[key]
+            if layer is None:
+                tensors[key] = reader.read(key)
+                continue
+            if layer.name not in converted:
+                converted[layer.name] = _convert_module(model, adapter, layer, method, grouping_fn, reader)
+            tensors[key] = converted[layer.name].pop(key)
+            if not converted[layer.name]:
+                del converted[layer.name]
+        written += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(
+            {k: t.contiguous() for k, t in tensors.items()}, str(dst / filename), metadata={"format": "pt"}
+        )
+        del tensors  # the last references to this shard's source pages: their mappings go with them
     if layout.is_sharded:
         index = {"metadata": {"total_size": written}, "weight_map": layout.tensor_to_filename}
         (dst / SAFE_WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -260,7 +250,7 @@ def convert_checkpoint(
         dst,
         len(plans),
         len(layout.filename_to_tensors),
-        read,
+        reader.bytes_read,
         written,
         time.perf_counter() - start,
         [p.kv_heads_before for p in plans],
@@ -327,6 +317,31 @@ def _owning_module(key: str, plans: dict[str, LayerPlan]) -> LayerPlan | None:
     return None
 
 
+# -- reading the source ------------------------------------------------------------------------------------------
+class SourceReader:
+    """Reads source tensors one at a time, by model tensor name.
+
+    safetensors maps a file and hands out tensors that are views of the mapping; every page read stays in this
+    process's resident set while the file is open. So each read opens the file, takes the one tensor and closes
+    it: the mapping lives only as long as the tensors taken from it (until their output shard is written),
+    and resident memory stays about one output shard instead of growing to the whole checkpoint.
+    """
+
+    def __init__(self, src: Path, weight_map: dict[str, str], to_source: dict[str, str]) -> None:
+        self.src, self.weight_map, self.to_source = src, weight_map, to_source
+        self.bytes_read = 0
+
+    def has(self, key: str) -> bool:
+        return key in self.to_source
+
+    def read(self, key: str) -> torch.Tensor:
+        source = self.to_source[key]
+        with safe_open(str(self.src / self.weight_map[source]), framework="pt") as f:
+            tensor = f.get_tensor(source)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
 # -- one attention module -----------------------------------------------------------------------------------------
 def _convert_module(
     model: PreTrainedModel,
@@ -334,20 +349,16 @@ def _convert_module(
     plan: LayerPlan,
     method: ConversionMethod,
     grouping_fn,
-    handles: dict,
-    weight_map: dict[str, str],
-    to_source: dict[str, str],
-) -> tuple[dict[str, torch.Tensor], int]:
+    reader: SourceReader,
+) -> dict[str, torch.Tensor]:
     """Load one attention module's tensors into its meta module, convert it as `patch` does, and return the
-    converted module's tensors by model key, with the bytes read. The meta module is emptied again."""
+    converted module's tensors by model key. The meta module is emptied again."""
     module: nn.Module = plan.module
-    size = 0
     names = [name for name, _ in module.named_parameters()] + [name for name, _ in module.named_buffers()]
     for name in names:
         key = f"{plan.name}.{name}"
-        if key in to_source:
-            tensor = handles[weight_map[to_source[key]]].get_tensor(to_source[key])
-            size += tensor.numel() * tensor.element_size()
+        if reader.has(key):
+            tensor = reader.read(key)
             set_module_tensor_to_device(module, name, "cpu", value=tensor, dtype=tensor.dtype)
     check_weights(model, [(plan.name, module)])
     weights = convert_weights(adapter.read(module), plan.kv_heads_after, method, grouping_fn, None)
@@ -355,7 +366,7 @@ def _convert_module(
     state = {f"{plan.name}.{name}": t.detach().clone() for name, t in new.state_dict().items()}
     for name in names:
         set_module_tensor_to_device(module, name, "meta")
-    return {k: v for k, v in state.items() if k in to_source}, size
+    return {k: v for k, v in state.items() if reader.has(k)}
 
 
 # -- config and the other files ----------------------------------------------------------------------------------
@@ -404,4 +415,4 @@ def _copy_other_files(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-__all__ = ["CheckpointPlan", "StreamReport", "convert_checkpoint", "plan_checkpoint"]
+__all__ = ["CheckpointPlan", "SourceReader", "StreamReport", "convert_checkpoint", "plan_checkpoint"]
