@@ -28,7 +28,7 @@ from ..canonical import (
 )
 from ..errors import UnsupportedArchitectureError
 from .base import AttentionAdapter, new_linear, shallow_clone
-from .shared import partial_rotary
+from .shared import attention_classes_of, partial_rotary
 
 
 class SeparateProjectionAdapter(AttentionAdapter):
@@ -100,25 +100,11 @@ class SeparateProjectionAdapter(AttentionAdapter):
         return new
 
 
-def _attention_classes(*paths: str) -> tuple[type[nn.Module], ...]:
-    """Import attention classes by `module:Class` path, skipping those this transformers version lacks."""
-    import importlib
-
-    classes = []
-    for path in paths:
-        mod, _, name = path.partition(":")
-        try:
-            classes.append(getattr(importlib.import_module(f"transformers.models.{mod}"), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(classes)
-
-
 class LlamaAdapter(SeparateProjectionAdapter):
     family = "llama"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo")
-    attention_classes = _attention_classes(
+    attention_classes = attention_classes_of(
         "llama.modeling_llama:LlamaAttention",
         "mistral.modeling_mistral:MistralAttention",
         "qwen2.modeling_qwen2:Qwen2Attention",
@@ -134,7 +120,7 @@ class PhiAdapter(SeparateProjectionAdapter):
     lora_targets = ("q_proj", "k_proj", "v_proj", "dense")
     model_types = ("phi",)
     o_name = "dense"
-    attention_classes = _attention_classes("phi.modeling_phi:PhiAttention")
+    attention_classes = attention_classes_of("phi.modeling_phi:PhiAttention")
 
 
 ADAPTERS = [LlamaAdapter(), PhiAdapter()]

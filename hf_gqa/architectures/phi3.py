@@ -22,8 +22,7 @@ from ..canonical import (
     split_out_heads,
 )
 from .base import AttentionAdapter, new_linear, shallow_clone
-from .llama import _attention_classes
-from .shared import partial_rotary
+from .shared import attention_classes_of, partial_rotary
 
 
 class Phi3Adapter(AttentionAdapter):
@@ -34,7 +33,7 @@ class Phi3Adapter(AttentionAdapter):
     model_types = ("phi3",)
     native_gqa = True
     kv_heads_config_key = "num_key_value_heads"
-    attention_classes = _attention_classes("phi3.modeling_phi3:Phi3Attention")
+    attention_classes = attention_classes_of("phi3.modeling_phi3:Phi3Attention")
 
     def head_dim(self, module: nn.Module) -> int:
         return module.head_dim

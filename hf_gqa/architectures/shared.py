@@ -3,6 +3,7 @@ implementations our own modules accept, eager attention on grouped K/V, and bool
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,18 @@ SDPA_IMPLEMENTATIONS = ("sdpa", ATTN_IMPLEMENTATION)
 SUPPORTED_IMPLEMENTATIONS = (None, "eager", *SDPA_IMPLEMENTATIONS)
 
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def attention_classes_of(*paths: str) -> tuple[type[nn.Module], ...]:
+    """Import attention classes by `module:Class` path, skipping those this transformers version lacks."""
+    classes = []
+    for path in paths:
+        mod, _, name = path.partition(":")
+        try:
+            classes.append(getattr(importlib.import_module(f"transformers.models.{mod}"), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(classes)
 
 
 def check_own_attention(model: PreTrainedModel, family: str, hint: str) -> None:
