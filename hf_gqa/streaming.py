@@ -17,6 +17,7 @@ methods need activations and run on a loaded model (`hf_gqa.patch`).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 import time
@@ -241,6 +242,7 @@ def convert_checkpoint(
             {k: t.contiguous() for k, t in tensors.items()}, str(dst / filename), metadata={"format": "pt"}
         )
         del tensors  # the last references to this shard's source pages: their mappings go with them
+        _release_freed_memory()
     if layout.is_sharded:
         index = {"metadata": {"total_size": written}, "weight_map": layout.tensor_to_filename}
         (dst / SAFE_WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -315,6 +317,17 @@ def _owning_module(key: str, plans: dict[str, LayerPlan]) -> LayerPlan | None:
             return plans[prefix]
         prefix = prefix.rpartition(".")[0]
     return None
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory freed with a written shard back to the system (glibc keeps freed heap pages otherwise, and
+    the resident set then grows with the largest tensors seen, not with one shard). A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 # -- reading the source ------------------------------------------------------------------------------------------
