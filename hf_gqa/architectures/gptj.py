@@ -25,16 +25,20 @@ from .. import compat
 from ..canonical import (
     AttentionWeights,
     RotarySpec,
-    join_heads,
-    join_out_heads,
-    split_heads,
-    split_out_heads,
 )
 from ..errors import UnsupportedArchitectureError
-from .base import AttentionAdapter, new_linear, shallow_clone
-from .shared import additive_mask, check_own_attention, with_repeated_kv
+from .base import AttentionAdapter, shallow_clone
+from .shared import (
+    additive_mask,
+    check_own_attention,
+    read_separate_projections,
+    set_separate_projections,
+    with_repeated_kv,
+)
 
 eager_gqa_attention = with_repeated_kv(compat.gptj_eager_attention_forward)
+#: GPT-J's projections: query, key, value, output.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 class GPTJGQAAttention(GPTJAttention):
@@ -141,27 +145,16 @@ class GPTJAdapter(AttentionAdapter):
         return module.head_dim
 
     def read(self, module: nn.Module) -> AttentionWeights:
-        heads, kv_heads = self.num_heads(module), self.num_kv_heads(module)
-        return AttentionWeights(
-            q=split_heads(module.q_proj.weight, heads),
-            k=split_heads(module.k_proj.weight, kv_heads),
-            v=split_heads(module.v_proj.weight, kv_heads),
-            o=split_out_heads(module.out_proj.weight, heads),
-            q_bias=module.q_proj.bias,
-            k_bias=module.k_proj.bias,
-            v_bias=module.v_proj.bias,
-            o_bias=module.out_proj.bias,
-            rotary=RotarySpec(module.rotary_dim or module.head_dim, interleaved=True),
+        rotary = RotarySpec(module.rotary_dim or module.head_dim, interleaved=True)
+        return read_separate_projections(
+            module, PROJECTIONS, self.num_heads(module), self.num_kv_heads(module), rotary
         )
 
     def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
         if any(b is not None for b in (weights.q_bias, weights.k_bias, weights.v_bias, weights.o_bias)):
             raise UnsupportedArchitectureError("GPT-J attention has no biases; the merge returned some.")
         new = shallow_clone(module, GPTJGQAAttention)
-        new.q_proj = new_linear(join_heads(weights.q), None, like=module.q_proj)
-        new.k_proj = new_linear(join_heads(weights.k), None, like=module.k_proj)
-        new.v_proj = new_linear(join_heads(weights.v), None, like=module.v_proj)
-        new.out_proj = new_linear(join_out_heads(weights.o), None, like=module.out_proj)
+        set_separate_projections(new, module, PROJECTIONS, weights)
         new.num_key_value_heads = weights.num_kv_heads
         new.num_key_value_groups = weights.num_heads // weights.num_kv_heads
         return new

@@ -19,16 +19,15 @@ from transformers import PreTrainedModel
 
 from ..canonical import (
     AttentionWeights,
-    join_bias,
-    join_heads,
-    join_out_heads,
-    split_bias,
-    split_heads,
-    split_out_heads,
 )
 from ..errors import UnsupportedArchitectureError
-from .base import AttentionAdapter, new_linear, shallow_clone
-from .shared import attention_classes_of, partial_rotary
+from .base import AttentionAdapter, shallow_clone
+from .shared import (
+    attention_classes_of,
+    partial_rotary,
+    read_separate_projections,
+    set_separate_projections,
+)
 
 
 class SeparateProjectionAdapter(AttentionAdapter):
@@ -62,18 +61,12 @@ class SeparateProjectionAdapter(AttentionAdapter):
         return getattr(module, self.k_name).out_features // module.head_dim
 
     def read(self, module: nn.Module) -> AttentionWeights:
-        q, k, v, o = (getattr(module, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name))
-        heads, kv_heads = self.num_heads(module), self.num_kv_heads(module)
-        return AttentionWeights(
-            q=split_heads(q.weight, heads),
-            k=split_heads(k.weight, kv_heads),
-            v=split_heads(v.weight, kv_heads),
-            o=split_out_heads(o.weight, heads),
-            q_bias=split_bias(q.bias, heads),
-            k_bias=split_bias(k.bias, kv_heads),
-            v_bias=split_bias(v.bias, kv_heads),
-            o_bias=o.bias,
-            rotary=partial_rotary(module),
+        return read_separate_projections(
+            module,
+            (self.q_name, self.k_name, self.v_name, self.o_name),
+            self.num_heads(module),
+            self.num_kv_heads(module),
+            partial_rotary(module),
             extras={"no_fold": self.fold_blocker(module)},
         )
 
@@ -89,11 +82,7 @@ class SeparateProjectionAdapter(AttentionAdapter):
 
     def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
         new = shallow_clone(module)
-        q, k, v, o = (getattr(module, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name))
-        setattr(new, self.q_name, new_linear(join_heads(weights.q), join_bias(weights.q_bias), like=q))
-        setattr(new, self.k_name, new_linear(join_heads(weights.k), join_bias(weights.k_bias), like=k))
-        setattr(new, self.v_name, new_linear(join_heads(weights.v), join_bias(weights.v_bias), like=v))
-        setattr(new, self.o_name, new_linear(join_out_heads(weights.o), weights.o_bias, like=o))
+        set_separate_projections(new, module, (self.q_name, self.k_name, self.v_name, self.o_name), weights)
         new.num_key_value_groups = weights.num_heads // weights.num_kv_heads
         if hasattr(module, "num_key_value_heads"):
             new.num_key_value_heads = weights.num_kv_heads

@@ -20,17 +20,13 @@ from transformers.models.opt.modeling_opt import OPTAttention, eager_attention_f
 from .. import compat
 from ..canonical import (
     AttentionWeights,
-    join_bias,
-    join_heads,
-    join_out_heads,
-    split_bias,
-    split_heads,
-    split_out_heads,
 )
-from .base import AttentionAdapter, new_linear, shallow_clone
-from .shared import with_repeated_kv
+from .base import AttentionAdapter, shallow_clone
+from .shared import read_separate_projections, set_separate_projections, with_repeated_kv
 
 eager_gqa_attention_forward = with_repeated_kv(eager_attention_forward)
+#: OPT's projections: query, key, value, output.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 class OPTGQAAttention(OPTAttention):
@@ -122,25 +118,13 @@ class OPTAdapter(AttentionAdapter):
         return module.head_dim
 
     def read(self, module: nn.Module) -> AttentionWeights:
-        heads, kv_heads = self.num_heads(module), self.num_kv_heads(module)
-        return AttentionWeights(
-            q=split_heads(module.q_proj.weight, heads),
-            k=split_heads(module.k_proj.weight, kv_heads),
-            v=split_heads(module.v_proj.weight, kv_heads),
-            o=split_out_heads(module.out_proj.weight, heads),
-            q_bias=split_bias(module.q_proj.bias, heads),
-            k_bias=split_bias(module.k_proj.bias, kv_heads),
-            v_bias=split_bias(module.v_proj.bias, kv_heads),
-            o_bias=module.out_proj.bias,
-            rotary=None,
+        return read_separate_projections(
+            module, PROJECTIONS, self.num_heads(module), self.num_kv_heads(module), rotary=None
         )
 
     def build(self, module: nn.Module, weights: AttentionWeights) -> nn.Module:
         new = shallow_clone(module, cls=OPTGQAAttention)
-        new.q_proj = new_linear(join_heads(weights.q), join_bias(weights.q_bias), like=module.q_proj)
-        new.k_proj = new_linear(join_heads(weights.k), join_bias(weights.k_bias), like=module.k_proj)
-        new.v_proj = new_linear(join_heads(weights.v), join_bias(weights.v_bias), like=module.v_proj)
-        new.out_proj = new_linear(join_out_heads(weights.o), weights.o_bias, like=module.out_proj)
+        set_separate_projections(new, module, PROJECTIONS, weights)
         new.num_key_value_heads = weights.num_kv_heads
         new.num_key_value_groups = weights.num_heads // weights.num_kv_heads
         return new

@@ -12,7 +12,16 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from ..attention import ATTN_IMPLEMENTATION
-from ..canonical import AttentionWeights, RotarySpec, split_out_heads
+from ..canonical import (
+    AttentionWeights,
+    RotarySpec,
+    join_bias,
+    join_heads,
+    join_out_heads,
+    split_bias,
+    split_heads,
+    split_out_heads,
+)
 from ..errors import UnsupportedArchitectureError
 
 #: Attention implementations that run through SDPA in the modules of families with their own attention code.
@@ -33,6 +42,49 @@ def attention_classes_of(*paths: str) -> tuple[type[nn.Module], ...]:
         except (ImportError, AttributeError):
             continue
     return tuple(classes)
+
+
+# -- separate q/k/v/o projections (Llama-style, Phi, OPT, GPT-J) -----------------------------------------------------
+def read_separate_projections(
+    module: nn.Module,
+    names: tuple[str, str, str, str],
+    heads: int,
+    kv_heads: int,
+    rotary: RotarySpec | None,
+    extras: dict | None = None,
+) -> AttentionWeights:
+    """Canonical weights of a module with separate `nn.Linear` projections named `names` (q, k, v, output):
+    `q` `[H * d, D]`, `k` / `v` `[K * d, D]`, output `[D, H * d]`, optional biases."""
+    q, k, v, o = (getattr(module, name) for name in names)
+    return AttentionWeights(
+        q=split_heads(q.weight, heads),
+        k=split_heads(k.weight, kv_heads),
+        v=split_heads(v.weight, kv_heads),
+        o=split_out_heads(o.weight, heads),
+        q_bias=split_bias(q.bias, heads),
+        k_bias=split_bias(k.bias, kv_heads),
+        v_bias=split_bias(v.bias, kv_heads),
+        o_bias=o.bias,
+        rotary=rotary,
+        extras=extras or {},
+    )
+
+
+def set_separate_projections(
+    new: nn.Module, module: nn.Module, names: tuple[str, str, str, str], weights: AttentionWeights
+) -> None:
+    """Give `new` (a clone of `module`) projections named `names` holding `weights`, each like its counterpart
+    in `module` (device, dtype, trainability)."""
+    from .base import new_linear
+
+    blocks = (
+        (join_heads(weights.q), join_bias(weights.q_bias)),
+        (join_heads(weights.k), join_bias(weights.k_bias)),
+        (join_heads(weights.v), join_bias(weights.v_bias)),
+        (join_out_heads(weights.o), weights.o_bias),
+    )
+    for name, (weight, bias) in zip(names, blocks):
+        setattr(new, name, new_linear(weight, bias, like=getattr(module, name)))
 
 
 def check_own_attention(model: PreTrainedModel, family: str, hint: str) -> None:
