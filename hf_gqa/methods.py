@@ -145,6 +145,17 @@ def register_merge(name: str, fn: MergeFn, needs_calibration: bool = False, fold
     register_method(name, Merge(name, fn, needs_calibration, folds_maps))
 
 
+def method_label(spec: str | ConversionMethod | MergeFn | None, calibrated: bool) -> str:
+    """What a report records for `patch(merge=spec)`: the method's label, the default spelled out for None."""
+    if spec is None:
+        return (
+            "refine (the default with calibration)"
+            if calibrated
+            else "mean (the default without calibration)"
+        )
+    return get_method(spec).label
+
+
 def method_names() -> list[str]:
     return sorted(METHODS)
 

@@ -35,6 +35,7 @@ from ..attention import ATTN_IMPLEMENTATION
 from ..cache import GQACache
 from ..errors import GQAError
 from ..groups import Groups, groups_label
+from ..methods import method_label
 from ..patch import META_KEY, is_patched, patch
 from .common import environment, kv_layout, load_model, model_device, model_dtype
 from .formatting import fmt_bytes, fmt_rate, fmt_ratio, format_table
@@ -563,7 +564,7 @@ def bench(
         "warmup": warmup,
         "repeats": repeats,
         "prefill_repeats": repeats if prefill_repeats is None else prefill_repeats,
-        "merge": merge,
+        "merge": method_label(merge, patch_kwargs.get("calibration") is not None),
         "native": native,
         "interleave": interleave,
         "lockstep": lockstep,

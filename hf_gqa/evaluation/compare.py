@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from ..architectures import get_adapter
 from ..errors import GQAError
 from ..groups import Groups, groups_label, parse_groups
+from ..methods import method_label
 from ..patch import patch
 from ..planning import plan_layers
 from .bench import Variant, measure
@@ -295,7 +296,7 @@ def compare(
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "model_type": model.config.model_type,
         "groups": variants_groups,
-        "merge": merge if isinstance(merge, str) else getattr(merge, "__name__", "custom"),
+        "merge": method_label(merge, patch_kwargs.get("calibration") is not None),
         "patch_kwargs": {k: v for k, v in patch_kwargs.items() if k != "stats"},
         "tasks": tasks,
         "limit": limit,
