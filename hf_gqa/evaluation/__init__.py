@@ -6,7 +6,8 @@ report = hf_gqa.evaluation.compare(model, tokenizer, groups=[4, 1], tasks=["hf_g
 print(report); report.save("report/")                     # JSON + markdown + quality-vs-speed PNG
 print(hf_gqa.evaluation.bench(model, groups=[4, 1], batch=[1, 8], context=[512, 2048]))
 ```
-Importing `hf_gqa` registers the lm-eval model `"hf-gqa"` (`lm_eval.simple_evaluate(model="hf-gqa",
+`import hf_gqa` does not import this package (nor lm-eval); its first use (`hf_gqa.evaluation...` or
+`import hf_gqa.evaluation`) registers the lm-eval model `"hf-gqa"` (`lm_eval.simple_evaluate(model="hf-gqa",
 model_args="pretrained=...,groups=4")`). The heavier parts (lm-eval's evaluator, matplotlib) load on first use.
 """
 
