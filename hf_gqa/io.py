@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .architectures import AttentionAdapter, get_adapter
 from .attention import set_attention
@@ -52,7 +52,7 @@ def _state_dict_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"No model.safetensors (or index) in {path}.")
 
 
-def _to_model_keys(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_model_keys(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Undo the key renamings transformers applies when saving (e.g. GPT-NeoX's `lm_head.` saved as `embed_out.`)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -85,6 +85,21 @@ def rebuild_layout(model: PreTrainedModel, kv_heads: list[int], meta: dict) -> N
     set_attention(model)
 
 
+def empty_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The model of `config` on the meta device (no weight in memory); where `config` records an hf_gqa
+    conversion, the original architecture re-shaped to the converted layout (`rebuild_layout`). `config` is
+    changed in place to describe that original architecture."""
+    meta = getattr(config, META_KEY, None)
+    if meta:
+        _adapter_for_config(config).restore_config(config, meta)
+        delattr(config, META_KEY)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    if meta:
+        rebuild_layout(model, list(meta["kv_heads"]), meta)
+    return model
+
+
 def from_pretrained(
     path: str | os.PathLike, dtype: torch.dtype | str | None = None, **kwargs
 ) -> PreTrainedModel:
@@ -99,23 +114,18 @@ def from_pretrained(
     meta = getattr(config, META_KEY, None)
     if not needs_hf_gqa_to_load(config):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
-        if meta and _adapter_for_config(config).rebuild_on_load:
-            rebuild_layout(
-                model, list(meta["kv_heads"]), meta
-            )  # the loaded weights, in our attention modules
+        if (
+            meta and _adapter_for_config(config).rebuild_on_load
+        ):  # the loaded weights, in our attention modules
+            rebuild_layout(model, list(meta["kv_heads"]), meta)
         elif meta:
             install_cache(model)
             set_attention(model)
         return model.eval()
 
-    # Build the original architecture on empty weights, re-shape it to the saved GQA layout, then fill it.
-    adapter = _adapter_for_config(config)
-    adapter.restore_config(config, meta)
-    delattr(config, META_KEY)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    rebuild_layout(model, list(meta["kv_heads"]), meta)
-    model.load_state_dict(_to_model_keys(model, _saved_state(Path(path))), strict=False, assign=True)
+    # The saved GQA layout on empty weights, then filled.
+    model = empty_model(config)
+    model.load_state_dict(to_model_keys(model, _saved_state(Path(path))), strict=False, assign=True)
     model.tie_weights()
     left = [
         n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"

@@ -340,26 +340,34 @@ def _copy_modes(old: nn.Module, new: nn.Module) -> None:
 def _apply(model: PreTrainedModel, conversion: Conversion, plans: list[LayerPlan], replacements) -> None:
     """Swap every module and set every config attribute, or roll it all back; then the cache and attention."""
     config = model.config.get_text_config(decoder=True)
-    updates = conversion.adapter.config_updates(config, [p.kv_heads_after for p in plans])
-    updates[META_KEY] = _metadata(config, conversion, plans)
+    updates = converted_config(
+        config, conversion.adapter, plans, conversion.method.label, conversion.grouping
+    )
     _swap(model, replacements, updates)
     forget_gguf_quantizer(model)
     install_cache(model)
     set_attention(model, conversion.attn_implementation)
 
 
-def _metadata(config, conversion: Conversion, plans: list[LayerPlan]) -> dict:
+def converted_config(
+    config, adapter: AttentionAdapter, plans: list[LayerPlan], method_label: str, grouping: str
+) -> dict[str, object]:
+    """The attributes a converted model's (text) config gets: the family's KV head count and hf_gqa's metadata
+    (`META_KEY`), which keeps the original KV heads across repeated conversions. Used by `patch` and by the
+    streamed conversion of checkpoints."""
     previous = getattr(config, META_KEY, None) or {}
-    return {
+    updates = adapter.config_updates(config, [p.kv_heads_after for p in plans])
+    updates[META_KEY] = {
         "version": FORMAT_VERSION,
-        "family": conversion.adapter.family,
+        "family": adapter.family,
         "num_heads": [p.num_heads for p in plans],
         "head_dim": [p.head_dim for p in plans],
         "original_kv_heads": previous.get("original_kv_heads", [p.kv_heads_before for p in plans]),
         "kv_heads": [p.kv_heads_after for p in plans],
-        "merge": conversion.method.label,
-        "grouping": conversion.grouping,
+        "merge": method_label,
+        "grouping": grouping,
     }
+    return updates
 
 
 def _own_config(model: PreTrainedModel) -> list[tuple[dict, str, object]]:

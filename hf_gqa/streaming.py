@@ -26,22 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from .architectures import get_adapter
 from .checks import check_weights
 from .errors import GQAError
 from .grouping import CALIBRATED_GROUPINGS, get_grouping
-from .io import rebuild_layout
+from .io import empty_model, rebuild_layout, to_model_keys
 from .methods import ConversionMethod, get_method
-from .patch import FORMAT_VERSION, META_KEY
+from .patch import converted_config
 from .planning import LayerPlan, convert_weights, plan_layers
 
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -127,12 +126,12 @@ def plan_checkpoint(
         )
     get_grouping(grouping)
     weight_map = _source_weight_map(src)
-    model = _meta_model(AutoConfig.from_pretrained(src))
+    model = empty_model(AutoConfig.from_pretrained(src))
     adapter = get_adapter(model)
     plans = plan_layers(model, adapter, groups, check=False)
     to_source = {model_key: source_key for source_key, model_key in _model_keys(model, weight_map).items()}
     dtypes = _source_dtypes(src, weight_map)
-    target = _meta_model(AutoConfig.from_pretrained(src))
+    target = empty_model(AutoConfig.from_pretrained(src))
     rebuild_layout(target, [p.kv_heads_after for p in plans], {})
     target_state = target.state_dict()
     planned = {
@@ -276,28 +275,11 @@ def _source_weight_map(src: Path) -> dict[str, str]:
         return {key: single.name for key in f.keys()}
 
 
-def _meta_model(config: PretrainedConfig) -> PreTrainedModel:
-    """The model of `config` on the meta device; a checkpoint hf_gqa converted before gets its saved layout."""
-    meta = getattr(config, META_KEY, None)
-    if meta:
-        from .io import _adapter_for_config
-
-        _adapter_for_config(config).restore_config(config, meta)
-        delattr(config, META_KEY)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    if meta:
-        rebuild_layout(model, list(meta["kv_heads"]), meta)
-    return model
-
-
 def _model_keys(model: PreTrainedModel, weight_map: dict[str, str]) -> dict[str, str]:
     """`{source tensor name: model state_dict name}` for every source tensor the model has (the names a checkpoint
     saved by transformers uses, legacy renamings and a missing base-model prefix included)."""
-    from .io import _to_model_keys
-
     expected = set(model.state_dict())
-    renamed = _to_model_keys(model, dict.fromkeys(weight_map))
+    renamed = to_model_keys(model, dict.fromkeys(weight_map))
     mapping = {}
     for source, candidate in zip(weight_map, renamed):
         for name in (source, candidate, f"{model.base_model_prefix}.{source}"):
@@ -393,23 +375,8 @@ def _write_config(
 ) -> None:
     """The source config with the converted KV head counts and hf_gqa's metadata, as `patch` records them."""
     text = config.get_text_config(decoder=True)
-    previous = getattr(text, META_KEY, None) or {}
-    for key, value in adapter.config_updates(text, [p.kv_heads_after for p in plans]).items():
+    for key, value in converted_config(text, adapter, plans, method.label, grouping).items():
         setattr(text, key, value)
-    setattr(
-        text,
-        META_KEY,
-        {
-            "version": FORMAT_VERSION,
-            "family": adapter.family,
-            "num_heads": [p.num_heads for p in plans],
-            "head_dim": [p.head_dim for p in plans],
-            "original_kv_heads": previous.get("original_kv_heads", [p.kv_heads_before for p in plans]),
-            "kv_heads": [p.kv_heads_after for p in plans],
-            "merge": method.label,
-            "grouping": grouping,
-        },
-    )
     config.save_pretrained(dst)
 
 

@@ -116,19 +116,17 @@ def check_groups_before_loading(args: argparse.Namespace, variants: list) -> Non
 
     if args.model is None or not (Path(args.model).exists() or args.model == DEFAULT_MODEL):
         return
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..architectures import get_adapter
+    from ..io import empty_model
     from ..planning import plan_layers
-    from ..streaming import _meta_model
 
     path, gguf_file = split_gguf(args.model, args.gguf_file)
     if gguf_file:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, gguf_file=gguf_file))
+        model = empty_model(AutoConfig.from_pretrained(path, gguf_file=gguf_file))
     elif (Path(path) / "config.json").exists():
-        model = _meta_model(AutoConfig.from_pretrained(path))
+        model = empty_model(AutoConfig.from_pretrained(path))
     else:
         return  # not a transformers folder: loading says so
     adapter = get_adapter(model)
