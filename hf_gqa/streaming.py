@@ -81,6 +81,7 @@ class CheckpointPlan:
     layers: list[LayerPlan]
     weight_map: dict[str, str]  # source tensor name -> source file
     to_source: dict[str, str]  # model tensor name -> source tensor name
+    owners: dict[str, LayerPlan | None]  # model tensor name -> the attention module it belongs to, or None
     layout: object  # huggingface_hub StateDictSplit of the output
     source_bytes: int
     output_bytes: int
@@ -146,10 +147,10 @@ def plan_checkpoint(
     source_nbytes = {
         key: source_state[key].numel() * dtypes[source].itemsize for key, source in to_source.items()
     }
-    by_module: dict[str, int] = {}
     by_name = {p.name: p for p in plans}
-    for key in to_source:
-        owner = _owning_module(key, by_name)
+    owners = {key: _owning_module(key, by_name) for key in to_source}
+    by_module: dict[str, int] = {}
+    for key, owner in owners.items():
         if owner is not None:
             by_module[owner.name] = by_module.get(owner.name, 0) + source_nbytes[key]
     return CheckpointPlan(
@@ -160,6 +161,7 @@ def plan_checkpoint(
         plans,
         weight_map,
         to_source,
+        owners,
         layout,
         sum(source_nbytes.values()),
         sum(nbytes.values()),
@@ -215,14 +217,12 @@ def convert_checkpoint(
     plan = plan_checkpoint(src, groups, method, grouping, max_shard_size=max_shard_size)
     src, model, adapter, plans, weight_map = plan.src, plan.model, plan.adapter, plan.layers, plan.weight_map
     method, grouping_fn = plan.method, get_grouping(grouping)
-    layout, to_source = plan.layout, plan.to_source
-    by_name = {p.name: p for p in plans}
-    owner = {key: _owning_module(key, by_name) for key in to_source}
+    layout, owner = plan.layout, plan.owners
 
     dst.mkdir(parents=True, exist_ok=True)
     converted: dict[str, dict[str, torch.Tensor]] = {}
     written = 0
-    reader = SourceReader(src, weight_map, to_source)
+    reader = SourceReader(src, weight_map, plan.to_source)
     files = tqdm(layout.filename_to_tensors.items(), desc="hf_gqa: streaming", disable=not show_progress)
     for filename, model_keys in files:
         tensors: dict[str, torch.Tensor] = {}

@@ -51,15 +51,13 @@ def groups_one(text: str):
     The older spelling of a per-layer list with commas (`4,4,2,2`) still works, with a note: commas now separate
     the variants of `eval` and `bench`.
     """
-    from ..groups import parse_groups
-
     variants = groups_variants(text)
     if len(variants) > 1 and all(isinstance(v, int) for v in variants):
         note(f"--groups {text}: a per-layer list is now written {':'.join(map(str, variants))} (as in eval).")
         return variants
     if len(variants) > 1:
         raise argparse.ArgumentTypeError(f"--groups {text!r}: this command converts to one variant")
-    return parse_groups(text)
+    return variants[0]
 
 
 def int_list(what: str) -> Callable[[str], list[int]]:
