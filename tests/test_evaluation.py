@@ -259,6 +259,26 @@ def test_metrics_load_offline_and_give_known_values(monkeypatch):
 
 
 # -- bench ---------------------------------------------------------------------------------------------------------------
+def test_bench_report_warns_when_runs_spread_too_wide():
+    from hf_gqa.evaluation.bench import BenchReport, BenchRow
+
+    def rows(decode_original, decode_patched):
+        return [
+            BenchRow("original", "original", None, [2, 2], 1, 8, 4, [1.0, 1.0, 1.0], decode_original, 100),
+            BenchRow("kv=1 patched", "patched", 1, [1, 1], 1, 8, 4, [1.0, 1.0, 1.0], decode_patched, 50),
+        ]
+
+    quiet = BenchReport(rows([2.0, 2.02, 1.99], [1.0, 1.01, 1.0]), {}, {})
+    assert quiet.warnings() == [] and "WARNING" not in quiet.table()
+    assert quiet.rows[0].decode_spread == pytest.approx(0.03 / 2.0)
+    busy = BenchReport(rows([2.0, 2.02, 1.99], [1.0, 1.5, 1.0]), {}, {})
+    warnings = busy.warnings()
+    assert any(w.startswith("kv=1 patched (batch 1, context 8): decode runs 1-1.5 s, 50% apart") for w in warnings)
+    assert any("speedup over the original x1.35-x2.00" in w for w in warnings)
+    assert "WARNING" in busy.table() and "## Warnings" in busy.to_markdown()
+    assert busy.to_dict()["warnings"] == warnings
+
+
 @pytest.mark.parametrize("lockstep", [True, False])
 def test_bench_times_original_patched_and_native(lockstep):
     model = tiny_llama(num_heads=4, vocab_size=256)

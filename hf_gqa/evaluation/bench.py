@@ -32,7 +32,8 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from .. import compat
 from ..architectures import get_adapter
 from ..attention import ATTN_IMPLEMENTATION
-from ..cache import GQACache
+from ..cache import GQACache, quantized_cache
+from ..cache import cache_nbytes as _held_nbytes
 from ..errors import GQAError
 from ..groups import Groups, groups_label
 from ..methods import method_label
@@ -74,11 +75,33 @@ class BenchRow:
     def decode_tokens_per_s(self) -> float:
         return self.batch * self.new_tokens / statistics.median(self.decode_s)
 
+    @property
+    def decode_spread(self) -> float:
+        """`(slowest - fastest) / median` of the timed decode runs: how far apart the runs the median summarises
+        are (0 for one run)."""
+        return _spread(self.decode_s)
+
+    @property
+    def prefill_spread(self) -> float:
+        """`(slowest - fastest) / median` of the timed prefills."""
+        return _spread(self.prefill_s)
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         out["decode_tokens_per_s"] = self.decode_tokens_per_s
+        out["decode_spread"] = self.decode_spread
+        out["prefill_spread"] = self.prefill_spread
         return out
+
+
+#: Runs of one variant further apart than this (`(max - min) / median`) make a report warn that its figures are
+#: not to be trusted: another process shared the machine, or the repeats were too few to settle.
+SPREAD_WARNING = 0.10
+
+
+def _spread(seconds: list[float]) -> float:
+    return (max(seconds) - min(seconds)) / statistics.median(seconds) if len(seconds) > 1 else 0.0
 
 
 # -- variants ---------------------------------------------------------------------------------------------------
@@ -131,7 +154,7 @@ def _check_native(patched: PreTrainedModel, native: PreTrainedModel, vocab: int)
 def build_variants(
     model: PreTrainedModel,
     groups: Sequence[Groups],
-    merge: str = "mean",
+    merge: str | None = None,
     native: bool = True,
     **patch_kwargs,
 ) -> tuple[list[Variant], dict[str, float]]:
@@ -162,15 +185,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def new_cache(model: PreTrainedModel) -> DynamicCache:
-    """The cache `generate()` gives `model`: a `GQACache` when patched, else a `DynamicCache`."""
+def new_cache(model: PreTrainedModel, cache_config: dict | None = None) -> DynamicCache:
+    """The cache `generate()` gives `model`: a `GQACache` when patched, else a `DynamicCache`; with a quantized
+    `cache_config` (as `generate(cache_implementation="quantized", cache_config=...)` takes it) a
+    `GQAQuantizedCache`."""
+    if cache_config is not None:
+        return quantized_cache(model, cache_config)
     config = model.config.get_text_config(decoder=True)
     return GQACache(config=config) if is_patched(model) else DynamicCache(config=config)
 
 
 def cache_nbytes(cache: DynamicCache) -> int:
-    """Bytes of keys and values held by any `DynamicCache` (the accounting of `GQACache.nbytes`)."""
-    return cache.nbytes() if isinstance(cache, GQACache) else sum(GQACache.layer_nbytes(cache))
+    """Bytes of keys and values held by any transformers cache, float or quantized (`GQACache.nbytes`)."""
+    return _held_nbytes(cache)
 
 
 @dataclass
@@ -185,12 +212,15 @@ class Prefilled:
 
 
 @torch.inference_mode()
-def time_prefill(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, Prefilled]:
-    """Prefill `input_ids` `[batch, context]` into a new cache; returns (seconds, the state to decode from)."""
+def time_prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int, cache_config: dict | None = None
+) -> tuple[float, Prefilled]:
+    """Prefill `input_ids` `[batch, context]` into a new cache (quantized with a `cache_config`); returns
+    (seconds, the state to decode from)."""
     device = input_ids.device
     batch, context = input_ids.shape
     mask = torch.ones(batch, context + new_tokens, dtype=torch.long, device=device)
-    cache = new_cache(model)
+    cache = new_cache(model, cache_config)
     _sync(device)
     start = time.perf_counter()
     out = model(
@@ -270,6 +300,7 @@ def measure(
     progress: tqdm | None = None,
     prefill_repeats: int | None = None,
     lockstep: bool = False,
+    cache_config: dict | None = None,
 ) -> list[BenchRow]:
     """Time every variant at one grid point, interleaved in a rotating order; `warmup` rounds are not recorded.
 
@@ -277,6 +308,7 @@ def measure(
     variant after the other, or with `lockstep` all of them step by step (see `time_decode_lockstep`). With
     `prefill_repeats` < `repeats`, the later rounds decode from a copy of the last prefilled cache instead of
     prefilling again (prefill is the slow part on CPU); only the first `prefill_repeats` timed prefills are kept.
+    A quantized `cache_config` runs every variant on transformers' quantized cache (`new_cache`).
     """
     prefill_repeats = repeats if prefill_repeats is None else max(1, min(prefill_repeats, repeats))
     vocab = variants[0].model.config.get_text_config(decoder=True).vocab_size
@@ -294,7 +326,7 @@ def measure(
         states: dict[int, Prefilled] = {}
         for i in order:
             if rep < warmup + prefill_repeats:
-                prefill_s, states[i] = time_prefill(variants[i].model, input_ids, new_tokens)
+                prefill_s, states[i] = time_prefill(variants[i].model, input_ids, new_tokens, cache_config)
                 if rep >= warmup:
                     rows[i].prefill_s.append(prefill_s)
                 if prefill_repeats < repeats:
@@ -322,10 +354,21 @@ def _record(row: BenchRow, keep: bool, decode_s: float, kv_bytes: int, progress:
 
 
 # -- the report -------------------------------------------------------------------------------------------------
+def _range(ratios: list[float] | None) -> str:
+    """`x1.01-x1.05` for the lowest and highest of `ratios`, `-` without any."""
+    if not ratios:
+        return "-"
+    return f"x{min(ratios):.2f}-x{max(ratios):.2f}"
+
+
 def _paired_ratio(reference_s: list[float], variant_s: list[float]) -> float:
     """Median over rounds of `reference time / variant time` (each round times both back to back, so a change
     of machine load between rounds cancels out): the variant's speed relative to the reference."""
-    return statistics.median(a / b for a, b in zip(reference_s, variant_s))
+    return statistics.median(_paired_ratios(reference_s, variant_s))
+
+
+def _paired_ratios(reference_s: list[float], variant_s: list[float]) -> list[float]:
+    return [a / b for a, b in zip(reference_s, variant_s)]
 
 
 @dataclass
@@ -380,6 +423,9 @@ class BenchReport:
                     "decode_speedup_over_original": r.decode_tokens_per_s / original.decode_tokens_per_s
                     if original
                     else None,
+                    "decode_speedup_over_original_runs": _paired_ratios(original.decode_s, r.decode_s)
+                    if original
+                    else None,
                     "prefill_speedup_over_original": r.prefill_tokens_per_s / original.prefill_tokens_per_s
                     if original
                     else None,
@@ -397,6 +443,7 @@ class BenchReport:
             "decode tok/s",
             "peak KV cache",
             "decode runs (s)",
+            "decode spread",
         ]
         rows = [
             [
@@ -407,6 +454,7 @@ class BenchReport:
                 fmt_rate(r.decode_tokens_per_s),
                 fmt_bytes(r.kv_bytes),
                 " ".join(f"{s:.2f}" for s in r.decode_s),
+                f"{r.decode_spread:.0%}" + (" !" if r.decode_spread > SPREAD_WARNING else ""),
             ]
             for r in self.rows
         ]
@@ -423,6 +471,7 @@ class BenchReport:
             "patched / native",
             "paired",
             "speedup vs original",
+            "per round",
             "KV cache vs original",
         ]
         rows = []
@@ -439,13 +488,44 @@ class BenchReport:
                     fmt_ratio(s["decode_patched_over_native"]),
                     fmt_ratio(s["decode_patched_over_native_paired"]),
                     fmt_ratio(s["decode_speedup_over_original"]),
+                    _range(s["decode_speedup_over_original_runs"]),
                     fmt_ratio(kv["patched"] / kv["original"]) if kv["original"] else "-",
                 ]
             )
         return format_table(headers, rows, markdown)
 
+    def warnings(self) -> list[str]:
+        """One line per variant and grid point whose timed runs spread wider than `SPREAD_WARNING`, and per
+        conversion whose per-round speedups over the original disagree by more than that."""
+        out = []
+        for r in self.rows:
+            for what, spread, runs in (
+                ("decode", r.decode_spread, r.decode_s),
+                ("prefill", r.prefill_spread, r.prefill_s),
+            ):
+                if spread > SPREAD_WARNING:
+                    out.append(
+                        f"{r.variant} (batch {r.batch}, context {r.context}): {what} runs {min(runs):.3g}-"
+                        f"{max(runs):.3g} s, {spread:.0%} apart"
+                    )
+        for s in self.summary():
+            runs = s["decode_speedup_over_original_runs"]
+            if runs and len(runs) > 1 and (max(runs) - min(runs)) / statistics.median(runs) > SPREAD_WARNING:
+                out.append(
+                    f"KV heads {groups_label(s['groups'])} (batch {s['batch']}, context {s['context']}): decode "
+                    f"speedup over the original x{min(runs):.2f}-x{max(runs):.2f} across rounds"
+                )
+        if out:
+            out.append(
+                f"Runs more than {SPREAD_WARNING:.0%} apart: the machine was shared or the runs too few to "
+                "settle; do not trust these speed figures. Rerun on a quiet machine, with more --repeats."
+            )
+        return out
+
     def table(self) -> str:
-        return self._summary_table(False) + "\n\n" + self._rows_table(False)
+        text = self._summary_table(False) + "\n\n" + self._rows_table(False)
+        warnings = self.warnings()
+        return text + ("\n\nWARNING:\n" + "\n".join(f"  {w}" for w in warnings) if warnings else "")
 
     def __str__(self) -> str:
         return self.table()
@@ -475,6 +555,14 @@ class BenchReport:
             "changes between rounds cancel).",
         ]
         lines += ["", "## Every variant", "", self._rows_table(True)]
+        lines += [
+            "",
+            "`decode spread` is `(slowest - fastest) / median` of a variant's timed decode runs; `per round` gives "
+            "the lowest and highest of the per-round speedups over the original.",
+        ]
+        warnings = self.warnings()
+        if warnings:
+            lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
         if self.checks:
             lines += ["", "## Checks", ""] + [f"- {k}: {v:.3g}" for k, v in self.checks.items()]
         return "\n".join(lines) + "\n"
@@ -485,6 +573,7 @@ class BenchReport:
             "environment": self.environment,
             "summary": self.summary(),
             "rows": [r.to_dict() for r in self.rows],
+            "warnings": self.warnings(),
             "checks": self.checks,
         }
 
@@ -510,7 +599,7 @@ def bench(
     warmup: int = 1,
     repeats: int = 3,
     prefill_repeats: int | None = None,
-    merge: str = "mean",
+    merge: str | None = None,
     native: bool = True,
     interleave: bool = True,
     lockstep: bool | None = None,
@@ -519,6 +608,7 @@ def bench(
     gguf_file: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    cache_config: dict | None = None,
     **patch_kwargs,
 ) -> BenchReport:
     """Prefill and decode tokens/sec and peak KV-cache bytes of the original and converted models.
@@ -531,7 +621,7 @@ def bench(
         warmup, repeats: untimed and timed runs per variant and grid point; the report gives medians.
         prefill_repeats: timed prefills per variant and grid point (default `repeats`); fewer saves time where
             prefill is slow (CPU): the other rounds decode from a copy of the prefilled cache.
-        merge, patch_kwargs: as for `hf_gqa.patch`.
+        merge, patch_kwargs: as for `hf_gqa.patch`, with its defaults (refine with `calibration=`, mean without).
         native: also time a natively-GQA transformers model of each converted shape (same weights).
         interleave: keep every variant in memory and alternate between them (fairest on a noisy machine);
             False measures one converted variant at a time (for models too large to hold several copies).
@@ -539,6 +629,9 @@ def bench(
             busy CPU's load changes then hit every variant alike). None (default): on CPU, not on CUDA, where
             synchronising after every step would hide the overlap of kernel launches with execution.
         dtype, device, gguf_file: for loading from a path (a given model is used as it is).
+        cache_config: run every variant on transformers' quantized KV cache, e.g. `{"backend": "hqq", "nbits": 4}`
+            (as `generate(cache_implementation="quantized", cache_config=...)` takes it); the peak KV cache is then
+            the bytes its quantized tensors (and float residual window) hold.
     """
     if isinstance(model_or_path, str):
         model = load_model(model_or_path, gguf_file=gguf_file, dtype=dtype, device=device)
@@ -571,6 +664,7 @@ def bench(
         "dtype": str(model_dtype(model)).replace("torch.", ""),
         "seed": seed,
         "original_kv_heads": kv_layout(model).kv_heads,
+        "cache_config": cache_config,
     }
     if lockstep is None:
         lockstep = model_device(model).type == "cpu"
@@ -588,7 +682,19 @@ def bench(
             bar.refresh()
             for b, c in grid:
                 rows.extend(
-                    measure(variants, b, c, new_tokens, warmup, repeats, seed, bar, prefill_repeats, lockstep)
+                    measure(
+                        variants,
+                        b,
+                        c,
+                        new_tokens,
+                        warmup,
+                        repeats,
+                        seed,
+                        bar,
+                        prefill_repeats,
+                        lockstep,
+                        cache_config,
+                    )
                 )
             del variants
     rows.sort(key=lambda r: (r.batch, r.context))

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..architectures import get_adapter
-from ..cache import kv_bytes_per_token
+from ..cache import KVQuantization, kv_bytes_per_token
 from ..loading import (  # noqa: F401  (re-exported: model loading lives in hf_gqa.loading)
     DEFAULT_MODEL,
     ModelLoadError,
@@ -34,9 +34,13 @@ class KVLayout:
     kv_heads: list[int]
     head_dim: list[int]
 
-    def bytes_per_token(self, dtype: torch.dtype) -> int:
-        """KV-cache bytes one token takes, all layers together: `sum(2 * kv_heads * head_dim * itemsize)`."""
-        return sum(kv_bytes_per_token(self.kv_heads, self.head_dim, dtype))
+    def bytes_per_token(
+        self, dtype: torch.dtype, cache_config: dict | KVQuantization | None = None
+    ) -> int | float:
+        """KV-cache bytes one token takes, all layers together: `sum(2 * kv_heads * head_dim * itemsize)`, or
+        with a quantized cache (`cache_config` as `generate()` takes it) its packed codes, scales and zero-points
+        (see `hf_gqa.cache.KVQuantization`)."""
+        return sum(kv_bytes_per_token(self.kv_heads, self.head_dim, dtype, cache_config))
 
     def is_unchanged_by(self, groups: int | list[int]) -> bool:
         """Whether patching to `groups` KV heads would leave every layer's KV head count as it is."""
@@ -80,6 +84,10 @@ def _version(package: str) -> str | None:
         return None
 
 
+#: Packages a report names only where they are installed (the `quant` extra's KV-cache backends).
+OPTIONAL_PACKAGES = ("optimum-quanto", "hqq")
+
+
 def environment(device: torch.device | str | None = None) -> dict:
     """Versions, machine and date, for reports."""
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -108,6 +116,9 @@ def environment(device: torch.device | str | None = None) -> dict:
         },
         "device": str(device),
     }
+    for name in OPTIONAL_PACKAGES:  # the quantized-cache backends, where installed
+        if _version(name) is not None:
+            env["versions"][name] = _version(name)
     if device.type == "cuda" and torch.cuda.is_available():
         env["machine"]["gpu"] = torch.cuda.get_device_name(device)
     try:

@@ -193,7 +193,11 @@ def _max_positions(model: PreTrainedModel) -> int:
 
 
 def _measure_speed(
-    model: PreTrainedModel, settings: SpeedSettings, seed: int, original: PreTrainedModel | None = None
+    model: PreTrainedModel,
+    settings: SpeedSettings,
+    seed: int,
+    original: PreTrainedModel | None = None,
+    cache_config: dict | None = None,
 ) -> dict[str, float]:
     """Prefill and decode tokens/sec of `model`. Given the `original`, both are timed interleaved (same
     conditions, so the ratios hold on a busy machine) and the ratios `model / original` are added."""
@@ -210,6 +214,7 @@ def _measure_speed(
         settings.repeats,
         seed,
         lockstep=model_device(model).type == "cpu",
+        cache_config=cache_config,
     )
     out = {
         "prefill_tokens_per_s": rows[0].prefill_tokens_per_s,
@@ -231,7 +236,7 @@ def compare(
     groups: Sequence[Groups | str] = (4, 1),
     tasks: Sequence[str] = ("hf_gqa_wikipedia",),
     limit: int | float | None = None,
-    merge: str = "mean",
+    merge: str | None = None,
     *,
     num_fewshot: int | None = None,
     batch_size: int | str = 1,
@@ -243,6 +248,7 @@ def compare(
     progress: bool = True,
     verbose: bool = False,
     task_manager=None,
+    cache_config: dict | None = None,
     **patch_kwargs,
 ) -> Report:
     """Evaluate `model` and its conversions to each `groups` entry; report quality, speed and memory.
@@ -254,7 +260,8 @@ def compare(
             KV head count is evaluated too (a converted copy with nothing merged: its deltas must be zero).
         tasks: lm-eval task names; the bundled offline ones are `hf_gqa.evaluation.tasks.BUNDLED_TASKS`.
         limit: lm-eval's `limit` (documents per task; a float < 1 is a fraction).
-        merge, patch_kwargs: as for `hf_gqa.patch` (e.g. `grouping=`, `stats=`).
+        merge, patch_kwargs: as for `hf_gqa.patch`, with its defaults: refine where `calibration=` (and
+            `tokenizer=`) are given, mean pooling otherwise; e.g. `method=`, `grouping=`, `calibration_tokens=`.
         num_fewshot, batch_size, max_length, bootstrap_iters: passed to lm-eval (`bootstrap_iters` gives the
             stderr of perplexity-like metrics; 0 skips it).
         seed: every lm-eval seed (python, numpy, torch, few-shot), the same for every variant.
@@ -266,6 +273,12 @@ def compare(
         progress: show progress bars; verbose: let lm-eval log.
         task_manager: an lm-eval `TaskManager` that already resolved `tasks` (from `check_tasks`); by default
             `compare` makes one and checks the tasks before running anything.
+        cache_config: a quantized KV cache for every variant, as `generate(cache_implementation="quantized",
+            cache_config=...)` takes it (e.g. `{"backend": "hqq", "nbits": 4}`): KV bytes per token are then that
+            cache's (codes, scales and zero-points; `hf_gqa.cache.KVQuantization`) and the speed is measured
+            through it. lm-eval and the fidelity logits score full forwards, which do not read a KV cache, so the
+            quality columns do not see the quantization (`benchmarks/quantized_cache.py` measures quality
+            through the cache).
 
     Returns:
         A `Report` (`print(report)`, `report.to_markdown()`, `report.save(dir)`).
@@ -310,6 +323,7 @@ def compare(
         "dtype": str(dtype).replace("torch.", ""),
         "original_kv_heads": layout.kv_heads,
         "num_heads": layout.num_heads,
+        "cache_config": cache_config,
     }
 
     results: list[VariantResult] = []
@@ -341,11 +355,13 @@ def compare(
             name=groups_label(g) + (" (unchanged)" if g is not None and layout.is_unchanged_by(g) else ""),
             groups=g,
             kv_heads=kv_layout(variant).kv_heads,
-            kv_bytes_per_token=kv_layout(variant).bytes_per_token(dtype),
+            kv_bytes_per_token=kv_layout(variant).bytes_per_token(dtype, cache_config),
             scores=_scores(out["results"]),
         )
         if speed:
-            result.speed = _measure_speed(variant, speed, seed, original=None if variant is model else model)
+            result.speed = _measure_speed(
+                variant, speed, seed, None if variant is model else model, cache_config
+            )
         if reference is not None:
             logits = reference if g is None else logits_on(variant, fidelity_ids, window)
             result.fidelity = {

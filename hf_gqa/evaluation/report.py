@@ -258,45 +258,77 @@ class Report:
         return cls.from_dict(json.loads(path.read_text()))
 
     # -- plot and files -------------------------------------------------------------------------------------------
+    def plot_panels(self) -> list[tuple[str, str]]:
+        """The `(task, metric)` pairs the plot draws: every metric of every task with a value for the original."""
+        return [
+            (task, metric)
+            for task, metrics in self.original.scores.items()
+            for metric, score in metrics.items()
+            if score.value is not None
+        ]
+
     def plot(self, path: str | Path) -> Path:
-        """A PNG with one panel per task: its primary metric against decode tokens/sec (or, without speed figures,
-        KV-cache bytes per token), one point per variant."""
+        """A PNG of what is traded: one panel per task and metric, the metric against KV-cache bytes per token (one
+        point per variant, with its stderr, labelled with its name and, where speed was measured, its decode speed
+        relative to the original), and a last panel of that decode speed ratio against KV-cache bytes per token,
+        from zero."""
         from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg rendering
 
-        tasks = list(self.original.scores)
-        has_speed = all(v.speed for v in self.variants)
-        fig = Figure(figsize=(4.8 * max(1, len(tasks)), 4.0))
-        axes = fig.subplots(1, max(1, len(tasks)), squeeze=False)
-        for ax, task in zip(axes[0], tasks or [None]):
-            metric = self.primary_metric(task) if task else None
+        panels = self.plot_panels()
+        speeds = {row["variant"]: row["decode_ratio"] for row in self.speed_rows()}
+        has_speed = all(value is not None for value in speeds.values())
+        count = len(panels) + int(has_speed)
+        columns = min(3, max(1, count))
+        rows = -(-max(1, count) // columns)
+        fig = Figure(figsize=(4.6 * columns, 3.8 * rows))
+        axes = fig.subplots(rows, columns, squeeze=False).ravel()
+        for ax in axes[count:]:
+            ax.set_visible(False)
+        for ax, (task, metric) in zip(axes, panels):
             values = []
             for v in self.variants:
-                x = v.speed["decode_tokens_per_s"] if has_speed else v.kv_bytes_per_token
-                score = v.scores.get(task, {}).get(metric) if metric else None
+                score = v.scores.get(task, {}).get(metric)
                 if score is None or score.value is None:
                     continue
                 marker = "s" if v is self.original else "o"
-                ax.errorbar(x, score.value, yerr=score.stderr, fmt=marker, capsize=3, label=v.name)
+                ax.errorbar(v.kv_bytes_per_token, score.value, yerr=score.stderr, fmt=marker, capsize=3)
+                label = v.name + (f" (decode x{speeds[v.name]:.2f})" if has_speed else "")
+                ax.annotate(
+                    label,
+                    (v.kv_bytes_per_token, score.value),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
                 values.append(score.value)
-            if (
-                metric
-                and "perplexity" in metric
-                and values
-                and min(values) > 0
-                and max(values) > 10 * min(values)
-            ):
+            if "perplexity" in metric and values and min(values) > 0 and max(values) > 10 * min(values):
                 ax.set_yscale("log")
-            if values:
-                ax.legend(fontsize=8)
-            ax.set_xlabel("decode tokens/sec" if has_speed else "KV-cache bytes per token")
-            direction = self.higher_is_better.get(task, {}).get(metric) if task else None
+            direction = self._higher_is_better(task, metric)
             arrow = (
                 "" if direction is None else (" (higher is better)" if direction else " (lower is better)")
             )
-            ax.set_ylabel(f"{metric}{arrow}" if metric else "")
-            ax.set_title(task or "no tasks", fontsize=10)
+            ax.set_ylabel(f"{metric}{arrow}")
+            ax.set_title(task, fontsize=10)
+        if has_speed:
+            ax = axes[len(panels)]
+            for v in self.variants:
+                ax.plot(v.kv_bytes_per_token, speeds[v.name], "s" if v is self.original else "o")
+                ax.annotate(
+                    v.name,
+                    (v.kv_bytes_per_token, speeds[v.name]),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
+            ax.set_ylim(0, max(speeds.values()) * 1.25)
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.set_ylabel("decode tokens/s relative to the original")
+            ax.set_title("speed", fontsize=10)
+        for ax in axes[:count]:
+            ax.set_xlabel("KV-cache bytes per token")
+            ax.set_xlim(0, self.original.kv_bytes_per_token * 1.2)
             ax.grid(True, alpha=0.3)
-        fig.suptitle(f"{self.settings.get('model', '')}: quality vs speed", fontsize=10)
+        fig.suptitle(f"{self.settings.get('model', '')}: quality, speed and KV-cache size", fontsize=10)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=120)
