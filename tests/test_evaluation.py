@@ -273,7 +273,9 @@ def test_bench_report_warns_when_runs_spread_too_wide():
     assert quiet.rows[0].decode_spread == pytest.approx(0.03 / 2.0)
     busy = BenchReport(rows([2.0, 2.02, 1.99], [1.0, 1.5, 1.0]), {}, {})
     warnings = busy.warnings()
-    assert any(w.startswith("kv=1 patched (batch 1, context 8): decode runs 1-1.5 s, 50% apart") for w in warnings)
+    assert any(
+        w.startswith("kv=1 patched (batch 1, context 8): decode runs 1-1.5 s, 50% apart") for w in warnings
+    )
     assert any("speedup over the original x1.35-x2.00" in w for w in warnings)
     assert "WARNING" in busy.table() and "## Warnings" in busy.to_markdown()
     assert busy.to_dict()["warnings"] == warnings
