@@ -1,0 +1,156 @@
+"""Conversion speed against quality: SmolLM2-135M-Instruct 3 -> 1 KV heads, calibrated settings side by side.
+
+What the main job (`examples/quickstart.py`) trades: conversion CPU-seconds against held-out perplexity. Each
+setting is one `hf_gqa.patch` call on a fresh copy of the same loaded model, in this process, one after another
+(so the rows of one run share the machine's state); per row it records wall seconds and CPU-seconds of the
+conversion (`time.process_time`, all threads), the held-out perplexity on the main job's paragraph
+(`hf_gqa.data.heldout_paragraph()`) and on the first `--windows` windows of 512 tokens of the held-out Wikipedia
+articles, both never used for calibration:
+
+    python benchmarks/conversion_speed.py                        # the old and new main-job settings
+    python benchmarks/conversion_speed.py --settings "steps=100,tokens=8192" "steps=40,tokens=2048,block=128"
+
+A setting is `key=value` pairs joined by commas: `steps` (refine steps per layer), `tokens` (calibration
+tokens), `block` (tokens per calibration block), `lr` (refine rate). Results:
+`benchmarks/results/conversion_speed.{md,json}` (rows of a run replace those of earlier runs with the same
+setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OLD = "steps=100,tokens=8192,block=512"
+NEW = "steps=100,tokens=2048,block=128"
+DEFAULT_SETTINGS = (OLD, NEW)
+
+
+def parse_setting(text: str) -> dict[str, float | int]:
+    """`"steps=20,tokens=4096"` -> `{"steps": 20, "tokens": 4096}` (ints where they parse, else floats)."""
+    out: dict[str, float | int] = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in {"steps", "tokens", "block", "lr"}:
+            raise SystemExit(f"unknown setting {key!r} in {text!r}")
+        out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+    return out
+
+
+def convert(model, tokenizer, setting: dict) -> tuple[float, float]:
+    """Convert `model` in place with `setting`; returns `(wall s, CPU s)` of the conversion."""
+    import hf_gqa
+    from hf_gqa import data
+
+    method = hf_gqa.Refine(
+        steps=int(setting.get("steps", 100)),
+        lr=float(setting.get("lr", 3e-4)),
+    )
+    wall, cpu = time.perf_counter(), time.process_time()
+    hf_gqa.patch(
+        model,
+        groups=1,
+        method=method,
+        calibration=data.calibration_text(),
+        tokenizer=tokenizer,
+        calibration_tokens=int(setting.get("tokens", 8192)),
+        block_size=int(setting.get("block", 512)),
+        show_progress=False,
+    )
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def measure(model, tokenizer, windows: int) -> dict[str, float]:
+    """Held-out perplexity on the main job's paragraph and on `windows` windows of 512 tokens."""
+    from strategies import windowed_perplexity  # benchmarks/ is on sys.path when this script runs
+
+    from hf_gqa import data
+    from hf_gqa.perplexity import perplexity
+
+    paragraph = tokenizer(data.heldout_paragraph(), return_tensors="pt").input_ids
+    ids = tokenizer(data.read_text(data.HELDOUT_TEXT), return_tensors="pt").input_ids[0]
+    return {
+        "paragraph_perplexity": perplexity(model, paragraph, batch_size=1),
+        "windows_perplexity": windowed_perplexity(model, ids, windows, 512),
+    }
+
+
+def write_report(rows: list[dict], env: dict, command: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "conversion_speed.json"
+    old = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    names = {r["setting"] for r in rows}
+    kept = [r for r in old.get("rows", []) if r["setting"] not in names]
+    merged = {"command": command, "environment": env, "rows": kept + rows}
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    base = next(r for r in merged["rows"] if r["setting"] == "original")
+    lines = [
+        "# Conversion speed against quality: SmolLM2-135M-Instruct, 3 -> 1 KV heads (benchmarks/conversion_speed.py)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {env['machine']['cpu']}, {env['machine']['cpu_cores']} cores, "
+        f"{env['machine']['torch_threads']} torch threads; {env['date']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        "",
+        "Calibration: `hf_gqa.data.calibration_text()` (Austen and Wikipedia interleaved), its first `tokens` "
+        "tokens. Held-out: the main job's paragraph (`hf_gqa.data.heldout_paragraph()`) and the first windows of "
+        "512 tokens of the held-out Wikipedia articles; neither is used for calibration. CPU s = "
+        "`time.process_time()` of the `patch` call (all threads).",
+        "",
+        "| setting | convert wall s | convert CPU s | paragraph perplexity | x original | windows perplexity | "
+        "x original |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in merged["rows"]:
+        lines.append(
+            f"| `{r['setting']}` | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['paragraph_perplexity']:.2f} | "
+            f"{r['paragraph_perplexity'] / base['paragraph_perplexity']:.2f} | {r['windows_perplexity']:.2f} | "
+            f"{r['windows_perplexity'] / base['windows_perplexity']:.2f} |"
+        )
+    (RESULTS / "conversion_speed.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS))
+    parser.add_argument("--windows", type=int, default=6, help="held-out windows of 512 tokens")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    settings = [(s, parse_setting(s)) for s in args.settings]
+
+    from hf_gqa import default_model
+    from hf_gqa.evaluation.common import environment
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    original, tokenizer = default_model.load()
+    rows = [
+        {"setting": "original", "wall_s": 0.0, "cpu_s": 0.0, **measure(original, tokenizer, args.windows)}
+    ]
+    print(json.dumps(rows[-1]), flush=True)
+    for text, setting in settings:
+        model = copy.deepcopy(original)
+        torch.manual_seed(0)
+        wall, cpu = convert(model, tokenizer, setting)
+        rows.append(
+            {"setting": text, "wall_s": wall, "cpu_s": cpu, **measure(model, tokenizer, args.windows)}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+    command = "python benchmarks/conversion_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_report(rows, environment(), command.strip())
+
+
+if __name__ == "__main__":
+    main()
