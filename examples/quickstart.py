@@ -51,7 +51,10 @@ def main() -> None:
         help="bundled calibration corpus (default: mixed)",
     )
     parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--refine-steps", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=512, help="tokens per calibration block")
+    parser.add_argument(
+        "--refine-steps", type=int, default=None, help="Adam steps per layer (default 100; 300 converts best)"
+    )
     parser.add_argument("--prompt", default="The Eiffel Tower is located in")
     parser.add_argument("--new-tokens", type=int, default=30)
     parser.add_argument("--save", default=None, help="folder to save the converted model to")
@@ -69,6 +72,7 @@ def main() -> None:
             calibration=data.calibration_text(args.calibration),
             tokenizer=tokenizer,
             calibration_tokens=args.calibration_tokens,
+            block_size=args.block_size,
         )
     start = time.perf_counter()
     hf_gqa.patch(model, groups=args.groups, **kwargs)
@@ -76,7 +80,13 @@ def main() -> None:
     meta = model.config.hf_gqa
 
     print(f"\nConverted in {seconds:.0f} s with merge={meta['merge']}, grouping={meta['grouping']}.\n")
-    print(hf_gqa.describe(model))
+    description = hf_gqa.describe(model)
+    print(description)
+    per_gib = [2**30 // b for b in (description.bytes_per_token_before, description.bytes_per_token_after)]
+    print(
+        f"\nCapacity: 1 GiB of KV cache holds {per_gib[0]:,} tokens before and {per_gib[1]:,} after "
+        f"({per_gib[1] / per_gib[0]:.1f}x the context, or the batch, in the same memory)."
+    )
     print("\nPerplexity on a held-out Wikipedia paragraph (bundled, never used for calibration):")
     before = text_perplexity(original, tokenizer, paragraph)
     after = text_perplexity(model, tokenizer, paragraph)
