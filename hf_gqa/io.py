@@ -21,6 +21,7 @@ from .architectures import AttentionAdapter, get_adapter
 from .attention import set_attention
 from .cache import install_cache
 from .patch import META_KEY
+from .remote import install_save_hook
 
 
 def needs_hf_gqa_to_load(model_or_config) -> bool:
@@ -82,6 +83,7 @@ def rebuild_layout(model: PreTrainedModel, kv_heads: list[int], meta: dict) -> N
         setattr(config, key, value)
     setattr(config, META_KEY, meta)
     install_cache(model)
+    install_save_hook(model)
     set_attention(model)
 
 

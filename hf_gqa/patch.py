@@ -29,6 +29,7 @@ from .loading import forget_gguf_quantizer
 from .methods import ConversionMethod, MergeFn, Refine, get_method
 from .pipeline import layer_sensitivity, run_data_free, run_sequential
 from .planning import LayerPlan, convert_weights, plan_layers
+from .remote import install_save_hook
 
 logger = logging.getLogger("hf_gqa")
 
@@ -346,6 +347,7 @@ def _apply(model: PreTrainedModel, conversion: Conversion, plans: list[LayerPlan
     _swap(model, replacements, updates)
     forget_gguf_quantizer(model)
     install_cache(model)
+    install_save_hook(model)  # multi-head-only families save the modeling code that loads them without hf_gqa
     set_attention(model, conversion.attn_implementation)
 
 

@@ -42,6 +42,7 @@ from .io import empty_model, rebuild_layout, to_model_keys
 from .methods import ConversionMethod, get_method
 from .patch import converted_config
 from .planning import LayerPlan, convert_weights, plan_layers
+from .remote import add_remote_code
 
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 #: Files of a model folder that are weights (not copied as they are).
@@ -247,6 +248,7 @@ def convert_checkpoint(
         (dst / SAFE_WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     _write_config(AutoConfig.from_pretrained(src), adapter, plans, method, grouping, dst)
     _copy_other_files(src, dst)
+    add_remote_code(dst)  # multi-head-only families: the modeling code that loads them without hf_gqa
     return StreamReport(
         dst,
         len(plans),
