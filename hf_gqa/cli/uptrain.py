@@ -1,11 +1,16 @@
 """`hf-gqa uptrain`: convert a model (optionally) and uptrain it with LoRA, K/V-only, attention-only or full training.
 
     hf-gqa uptrain --model path --groups 4 --data corpus.txt --method lora --steps 500 --out out/
-    accelerate launch --multi_gpu --num_processes 2 -m hf_gqa.cli uptrain ...   # the same command, data parallel
+    accelerate launch --config_file examples/accelerate/fsdp.yaml -m hf_gqa.cli uptrain ...  # FSDP2, sharded
+    accelerate launch --config_file examples/accelerate/ddp.yaml -m hf_gqa.cli uptrain ...   # data parallel
 
-On a machine without a GPU, `accelerate launch --multi_gpu --num_processes N` (or `torchrun --nproc_per_node N`)
-starts N CPU processes and training runs data parallel on gloo; `accelerate launch --cpu` starts several processes
-only through MPI (`--mpirun_hostfile`), otherwise one.
+Under `accelerate launch` every process loads (and converts) the model and trains on its own `--batch-size` blocks
+of each step (global batch: processes x `--batch-size` x `--grad-accum`); under FSDP each converted decoder layer
+is sharded across the processes and the trained weights are gathered onto the main process at the end. Only the
+main process writes `--out` and prints. The example configs run on CPU processes over gloo (`use_cpu: true`); their
+comments say what to change on GPUs. On a machine without a GPU `accelerate launch --multi_gpu --num_processes N`
+(or `torchrun --nproc_per_node N`) also starts N CPU processes; `accelerate launch --cpu` starts several only
+through MPI (`--mpirun_hostfile`), otherwise one.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="convert a model (optionally) and uptrain it with LoRA, K/V-only, attention-only or full training",
         description=(
             "Uptrain a GQA-converted model on text with the transformers Trainer. Works under "
-            "`accelerate launch` (data parallel) unchanged. Text arguments take files, folders of *.txt, "
+            "`accelerate launch` unchanged: data parallel (DDP) or sharded (FSDP2; see "
+            "examples/accelerate/fsdp.yaml and ddp.yaml), on GPUs or CPU processes. Text arguments take files, folders of *.txt, "
             "text shipped with hf_gqa (builtin:train-austen and builtin:train-wikipedia for training, "
             "builtin:heldout for the held-out articles, builtin:calibration (Austen and Wikipedia interleaved), "
             "builtin:calibration-austen and builtin:calibration-wikipedia; see hf_gqa/data/SOURCES.md), or a "
@@ -185,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import load_model, load_tokenizer
     from ..patch import is_patched
     from ..training import LOSS_LOG, UptrainConfig, uptrain
+    from ..training.distributed import parallel_mode
 
     check_conversion_arguments(args, [args.groups])
     train_data = training_texts(args.data, args.data_split)
@@ -235,7 +242,13 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         trained.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        summary: dict[str, Any] = {"method": args.method, "steps": args.steps, "loss_log": LOSS_LOG}
+        summary: dict[str, Any] = {
+            "method": args.method,
+            "steps": args.steps,
+            "loss_log": LOSS_LOG,
+            "processes": state.num_processes,
+            "parallel": parallel_mode(),  # "FSDP2", "FSDP1", "DDP" or "none"
+        }
         rows = [json.loads(line) for line in (out / LOSS_LOG).read_text().splitlines() if line.strip()]
         evals = [r for r in rows if "eval_perplexity" in r]
         if evals:

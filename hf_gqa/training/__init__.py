@@ -19,6 +19,17 @@ The package:
         `kv_parameter_masks`, `attention_parameter_names`).
     `losses`: the fused LM + KL distillation loss (`distillation_loss`, `token_kl`), `hidden_state_distance`.
     `trainer`: `UptrainTrainer` (distillation, time-aware schedules), `TimeLimitCallback`, `LossLogCallback`.
+    `distributed`: FSDP on CPU processes, gathering the sharded weights after training, K/V masks of sharded
+        gradients.
+
+Several processes: run the same code under `accelerate launch` (examples/accelerate/fsdp.yaml for FSDP2, sharding
+each converted decoder layer; ddp.yaml for data parallel). The global batch is processes x
+`per_device_train_batch_size` x `gradient_accumulation_steps`; under FSDP the main process gets the trained model
+back whole (see `uptrain`), and only it should save:
+
+    trained = hf_gqa.uptrain(model, tokenizer, texts, config)
+    if accelerate.PartialState().is_main_process:
+        trained.save_pretrained("out/")
 """
 
 from __future__ import annotations
@@ -32,11 +43,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
 
+from ..errors import GQAError
 from ..patch import is_patched
 from .config import DEFAULT_LEARNING_RATES, METHODS, UptrainConfig
 from .data import DataLike, TokenBlocks, evaluate_perplexity, pack_blocks, read_texts, train_and_eval_blocks
+from .distributed import empty_copy, fsdp_version, gather_full_model
 from .losses import distillation_loss, hidden_state_distance, token_kl
 from .parameters import (
     attention_parameter_names,
@@ -58,6 +71,9 @@ from .trainer import (
 )
 
 logger = logging.getLogger("hf_gqa")
+
+#: `TrainingArguments`' default seed, which `uptrain` also seeds the LoRA initialisation with.
+_DEFAULT_SEED = 42
 
 
 def uptrain(
@@ -92,6 +108,11 @@ def uptrain(
     Returns:
         For `"lora"`, the `peft.PeftModel` (its `save_pretrained` saves the adapter), or with `merge_adapter` the
         merged plain model; for the other methods, `model` itself. The loss log is `output_dir/loss_log.jsonl`.
+        Under FSDP (`accelerate launch` with an FSDP config, or `fsdp=` in the `TrainingArguments`) the weights
+        are sharded across processes while training; afterwards every process takes part in gathering them
+        (`FULL_STATE_DICT`) and the main process gets a plain, unsharded copy of the model (or `PeftModel`) on
+        the CPU, while the other processes get the same model with its parameters on the meta device (nothing
+        to save or evaluate there). Under DDP every process holds the trained model.
     """
     config = _resolve_config(config, kwargs)
     _check_models(model, teacher, config)
@@ -106,19 +127,39 @@ def uptrain(
         config.eval_fraction,
         config.max_eval_blocks,
     )
+    # The same LoRA initialisation on every process (FSDP does not broadcast weights) and run to run.
+    set_seed(config.training_args.get("seed", _DEFAULT_SEED))
     trained, hooks, fused = prepare_for_method(
         model, config.method, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules
+    )
+    masks = (
+        {name: mask for name, mask in kv_parameter_masks(trained).items() if name in fused} if fused else {}
     )
     try:
         with _output_folder(config.output_dir) as output_dir:
             trainer = build_trainer(
-                trained, config, output_dir, train_blocks, eval_blocks, teacher, fused, callbacks
+                trained, config, output_dir, train_blocks, eval_blocks, teacher, fused, callbacks, masks
             )
+            skeleton = _before_sharding(trainer, trained, masks)
             train_and_evaluate(trainer)
+            result = trainer.model if skeleton is None else gather_full_model(trainer.model, skeleton)
     finally:
         for hook in hooks:
             hook.remove()
-    return _finished(trainer.model, config.merge_adapter)
+    return _finished(result, config.merge_adapter)
+
+
+def _before_sharding(trainer: UptrainTrainer, model: nn.Module, masks: dict) -> nn.Module | None:
+    """Under FSDP, `empty_copy(model)` (to gather the trained weights into after training), else `None`."""
+    version = fsdp_version(trainer.accelerator) if trainer.is_fsdp_enabled else None
+    if version is None:
+        return None
+    if masks and version == 1:
+        raise GQAError(
+            f"method='kv' masks the query rows of fused projections ({sorted(masks)[:2]}...), which FSDP1's flat "
+            "parameters do not allow: use fsdp_version: 2, DDP, or method='attention' / 'lora'."
+        )
+    return empty_copy(model)
 
 
 def _resolve_config(config: UptrainConfig | None, kwargs: dict[str, Any]) -> UptrainConfig:

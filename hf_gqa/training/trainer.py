@@ -1,11 +1,11 @@
 """The uptraining `Trainer`: distillation from a teacher, a time budget, the loss log, `TrainingArguments`.
 
 `UptrainTrainer` is the stock transformers `Trainer` (so `accelerate launch`, DDP, FSDP and DeepSpeed work through
-its arguments) with one change: with a teacher, the training loss is `lm_weight * LM + distill_weight * T^2 *
-KL(teacher || student)` on the logits (plus, with `hidden_weight`, a distance between every layer's output and
-the teacher's), computed in one fused pass (`losses.distillation_loss`). `TimeLimitCallback` stops training after
-a time budget, over which the "linear" / "cosine" schedules decay (`time_aware_lr_factor`); `LossLogCallback`
-writes every log to `loss_log.jsonl`.
+its arguments; FSDP on CPU processes too, see `distributed`) with one change: with a teacher, the training loss is
+`lm_weight * LM + distill_weight * T^2 * KL(teacher || student)` on the logits (plus, with `hidden_weight`, a
+distance between every layer's output and the teacher's), computed in one fused pass (`losses.distillation_loss`).
+`TimeLimitCallback` stops training after a time budget, over which the "linear" / "cosine" schedules decay
+(`time_aware_lr_factor`); `LossLogCallback` writes every log to `loss_log.jsonl`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import UptrainConfig
 from .data import TokenBlocks
+from .distributed import enable_fsdp_on_cpu, mask_sharded_gradients
 from .losses import distillation_loss, hidden_state_distance, scored_rows
 
 #: The loss log `uptrain` writes in its `output_dir` (one JSON object per log).
@@ -58,6 +59,11 @@ class UptrainTrainer(Trainer):
     parallelism scale them alike. Evaluation losses are the LM loss alone. Parameters named in `no_decay` are
     kept out of weight decay. Logs add `lm_loss`, `distill_kl` and, with `hidden_weight`, `hidden_distance`
     (token means since the last log), `eval_perplexity` and `train_tokens`.
+
+    Under `accelerate launch` it trains data parallel (DDP) or sharded (FSDP2 or FSDP1, by the launcher's config or
+    `fsdp=` in the `TrainingArguments`); on CPU processes (gloo) it turns FSDP on itself where accelerate would
+    fall back to DDP (`distributed.enable_fsdp_on_cpu`). Under FSDP2 the `grad_masks` (`{parameter name: mask}`,
+    K/V rows of fused projections) are applied to the sharded gradients after each backward pass.
     """
 
     def __init__(
@@ -71,8 +77,11 @@ class UptrainTrainer(Trainer):
         no_decay: Sequence[str] = (),
         block_size: int | None = None,
         time_limit: TimeLimitCallback | None = None,
+        grad_masks: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
+        self.grad_masks = dict(grad_masks or {})
+        self._local_masks: dict[str, torch.Tensor] = {}
         super().__init__(*args, **kwargs)
         self.time_limit = time_limit
         self.teacher = teacher
@@ -85,6 +94,20 @@ class UptrainTrainer(Trainer):
         self.no_decay = set(no_decay)
         self.block_size = block_size
         self._kl_sum, self._lm_sum, self._hidden_sum, self._count = 0.0, 0.0, 0.0, 0
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; on CPU processes (gloo) with FSDP asked for, FSDP turned on
+        (`enable_fsdp_on_cpu`: accelerate itself shards only on accelerator devices)."""
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args):
+            self.is_fsdp_enabled = True
+
+    def training_step(self, model: nn.Module, inputs: dict[str, torch.Tensor], *args: Any, **kwargs: Any):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.grad_masks and self.is_fsdp_enabled:
+            # FSDP2 replaced the parameters the K/V gradient hooks were registered on: mask the sharded grads
+            mask_sharded_gradients(self.model, self.grad_masks, self._local_masks)
+        return loss
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return [n for n in super().get_decay_parameter_names(model) if n not in self.no_decay]
@@ -251,10 +274,11 @@ def build_trainer(
     teacher: nn.Module | None = None,
     no_decay: Sequence[str] = (),
     callbacks: Sequence[TrainerCallback] = (),
+    grad_masks: dict[str, torch.Tensor] | None = None,
 ) -> UptrainTrainer:
     """The `UptrainTrainer` of `config` on `train_blocks` `[n_train, block_size]` (and `eval_blocks`
     `[n_eval, block_size]`), with the loss log in `output_dir`, a `TimeLimitCallback` with `config.max_seconds`,
-    then `callbacks`."""
+    then `callbacks`. `grad_masks` (`{parameter name: mask}`) are applied to sharded gradients under FSDP."""
     time_limit = TimeLimitCallback(config.max_seconds) if config.max_seconds is not None else None
     all_callbacks = [LossLogCallback(Path(output_dir) / LOSS_LOG), *callbacks]
     if time_limit is not None:
@@ -273,6 +297,7 @@ def build_trainer(
         no_decay=no_decay,
         block_size=config.block_size,
         time_limit=time_limit,
+        grad_masks=grad_masks,
     )
 
 
