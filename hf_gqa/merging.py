@@ -282,7 +282,7 @@ def _procrustes_rotary(keys: torch.Tensor, sigma: torch.Tensor, iterations: int 
 
 
 class one_thread:
-    """Context: torch on one CPU thread. The merges and closed-form fits factor matrices of a few hundred rows
+    """Context: torch on one CPU thread. The activation-aware merges factor matrices of a few hundred rows
     (`eigh`, `solve`), which LAPACK runs slower on two threads than on one, by 10-200x when other processes share
     the cores (measured: `eigh` of a 192 x 192 float64 matrix, 15 ms on one thread, 3.4 s on two)."""
 
