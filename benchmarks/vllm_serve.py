@@ -73,6 +73,20 @@ def parse_worker_cores(log: str) -> list[int] | None:
     return [int(c) for c in matches[-1].split(",") if c.strip()] if matches else None
 
 
+#: How the results table marks a compiling engine's start.
+COMPILE_CACHE_NOTE = {"compiled": " (cold: compiled, then cached)", "loaded": " (compile cache loaded)"}
+
+
+def compile_cache_state(log: str) -> str | None:
+    """Whether a compiling engine found vLLM's torch.compile cache (`~/.cache/vllm/torch_compile_cache`): "loaded",
+    "compiled" (compiled and saved: a cold start), or None for an engine that compiled nothing."""
+    if "Directly load AOT compilation from path" in log:
+        return "loaded"
+    if "saved AOT compiled function to" in log or "Compiling model again due to a load failure" in log:
+        return "compiled"
+    return None
+
+
 ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (.+)$")
 
 
@@ -139,6 +153,27 @@ def capacity_ratios(rows: list[dict[str, Any]], mode: str) -> dict[str, float]:
     }
 
 
+def same_shape_spread(rows: list[dict[str, Any]]) -> str:
+    """A sentence on how far decode speeds of the two identically shaped conversions (`mean`, `calibrated`) lie
+    apart in each mode: the measurement noise of the machine. Empty when the run has not both."""
+    parts = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        speeds = [
+            r["throughput"]["decode_tokens_per_s"]
+            for r in rows
+            if r["mode"] == mode and r["checkpoint"] in ("mean", "calibrated") and r.get("throughput")
+        ]
+        if len(speeds) == 2:
+            parts.append(f"{abs(speeds[0] - speeds[1]) / min(speeds):.0%} ({mode})")
+    if not parts:
+        return ""
+    return (
+        " `mean` and `calibrated` have identical shapes, yet their decode speeds differ by "
+        + ", ".join(parts)
+        + ": differences of that size between rows are this shared machine's noise."
+    )
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The results page from the report `main` writes as JSON."""
     env, settings = report["environment"], report["settings"]
@@ -152,6 +187,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
+        *([f"Note: {report['note']}", ""] if report.get("note") else []),
         f"Machine: {machine.get('cpu')}, {machine.get('cpu_cores')} cores, {machine.get('platform')}; "
         f"load average before: {machine.get('load_average')}; date {env['date']}.",
         "",
@@ -190,7 +226,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         t = r["throughput"]
         lines.append(
             f"| {r['checkpoint']} | {r['mode']} | {', '.join(map(str, heads))} | {r['kv_bytes_per_token']:,} | "
-            f"{r['kv_cache_size_tokens']:,} | {'yes' if r['log_agrees'] else 'no'} | {r['engine_start_s']} | "
+            f"{r['kv_cache_size_tokens']:,} | {'yes' if r['log_agrees'] else 'no'} | {r['engine_start_s']}"
+            f"{COMPILE_CACHE_NOTE.get(r.get('compile_cache'), '')} | "
             f"{t['decode_tokens_per_s']} | {t['generate_tokens_per_s']} | {agreement_text(r['agreement'])} |"
         )
     lines.append("")
@@ -208,6 +245,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     for mode in dict.fromkeys(r["mode"] for r in report["rows"]):
         for name, ratio in capacity_ratios(report["rows"], mode).items():
             lines.append(f"KV capacity ratio {name} / original ({mode}): **{ratio}x**.")
+    blocks = sorted({r["block_size"] for r in report["rows"] if r.get("block_size")})
+    refs = report.get("reference_tokens") or {}
+    if blocks:
+        lines += [
+            "",
+            f"Reading the figures. The capacity is arithmetic: {settings['kv_cache_gib']} GiB over the KV bytes per "
+            f"token, rounded down to whole blocks of {', '.join(map(str, blocks))} tokens. The decode pass is a few "
+            "short sequences, where each step mostly reads the weights (135M parameters in float32), not the "
+            "cache: what fewer KV heads buy at this size is capacity (concurrent sequences, context)."
+            + same_shape_spread(report["rows"])
+            + " The greedy check is only as strong as the continuations are varied; distinct tokens in "
+            "transformers' continuations: "
+            + ", ".join(
+                f"{name} {len({t for seq in seqs for t in seq})} of {sum(len(seq) for seq in seqs)}"
+                for name, seqs in refs.items()
+            )
+            + " (mean pooling without data leaves a model that repeats one token).",
+        ]
     lines += ["", MULTI_HEAD_NOTES.strip(), ""]
     if probe := report.get("probe_gpt2"):
         lines += [
@@ -216,8 +271,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"A random GPT-2 ({', '.join(f'{k}={v}' for k, v in probe['config'].items() if v is not None)}) converted by "
             "`hf_gqa.patch` (mean pooling) and saved with `save_pretrained` (hf_gqa's remote code); the vLLM-ready "
             f"copies add `auto_map['AutoModel']` (a `GPT2GQAModel` base class in `{PROBE_BASE_MODULE}.py`, built "
-            "from the checkpoint's `modeling_hf_gqa.py`) and the KV heads in `config.json` (`num_key_value_heads`; "
-            "where layers differ, transformers' heterogeneous `per_layer_config`). Engines: "
+            "on the checkpoint's `modeling_hf_gqa.py`, whose attention reshapes its output by the input's shape and "
+            "whose `_keys_to_ignore_on_load_unexpected` are anchored: (a), (c), (d) above) and the KV heads in "
+            "`config.json` (`num_key_value_heads`; where layers differ, transformers' heterogeneous "
+            "`per_layer_config`: (b)). The source of that file is `PROBE_BASE_SOURCE` in "
+            "`benchmarks/vllm_serve.py`. Engines: "
             "`LLM(model=..., trust_remote_code=True, skip_tokenizer_init=True, enforce_eager=True, "
             "dtype='float32')`; greedy tokens on 3 random prompts of 8 ids against transformers "
             "(`hf_gqa.loading.load_model` on the saved folder).",
@@ -514,6 +572,7 @@ def run_worker(
     result["process_s"] = round(time.perf_counter() - start, 1)
     result["kv_cache_size_tokens_log"] = parse_kv_cache_tokens(log_text)
     result["worker_cores"] = parse_worker_cores(log_text)
+    result["compile_cache"] = compile_cache_state(log_text)
     result["log"] = str(log_path)
     return result
 
@@ -537,6 +596,7 @@ def served_row(result: dict[str, Any], reference: list[list[int]], dtype_bytes: 
         "engine_start_s": result["engine_start_s"],
         "process_s": result["process_s"],
         "worker_cores": result.get("worker_cores"),
+        "compile_cache": result.get("compile_cache"),
         "log": result.get("log"),
         "agreement": compare_tokens(reference, result["greedy_tokens"]),
         "greedy_tokens_vllm": result["greedy_tokens"],

@@ -52,6 +52,18 @@ def test_parse_worker_cores():
     assert serve.parse_worker_cores("nothing") is None
 
 
+def test_compile_cache_state():
+    assert (
+        serve.compile_cache_state("[backbone] saved AOT compiled function to /root/.cache/vllm/x")
+        == "compiled"
+    )
+    assert (
+        serve.compile_cache_state("[backbone] Directly load AOT compilation from path /root/.cache/x")
+        == "loaded"
+    )
+    assert serve.compile_cache_state("Enforce eager set, disabling torch.compile") is None
+
+
 def test_error_line():
     log = (
         "(EngineCore pid=9) ERROR 12-01 [core.py:1] EngineCore failed to start.\n"
@@ -154,6 +166,10 @@ def test_capacity_ratio_and_markdown():
     assert "KV capacity ratio mean / original (eager): **3.0x**." in md
     assert "`mean` = mean pooling" in md
     assert "failed: worker exit status 1: boom" in md
+    # identical shapes (`mean`, `calibrated`): their decode-speed gap is reported as the machine's noise
+    calibrated = {**_row("calibrated", 69888, 1, same), "throughput": {"decode_tokens_per_s": 50.0}}
+    assert "differ by 25% (eager)" in serve.same_shape_spread(rows + [calibrated])
+    assert serve.same_shape_spread(rows) == ""
     assert "## Multi-head-only families" in md
 
 
