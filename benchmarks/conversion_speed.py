@@ -86,7 +86,7 @@ def measure(model, tokenizer, windows: int) -> dict[str, float]:
 def write_report(rows: list[dict], env: dict, command: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "conversion_speed.json"
-    old = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
     names = {r["setting"] for r in rows}
     kept = [r for r in old.get("rows", []) if r["setting"] not in names]
     merged = {"command": command, "environment": env, "rows": kept + rows}

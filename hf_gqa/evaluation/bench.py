@@ -32,8 +32,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from .. import compat
 from ..architectures import get_adapter
 from ..attention import ATTN_IMPLEMENTATION
-from ..cache import GQACache, quantized_cache
-from ..cache import cache_nbytes as _held_nbytes
+from ..cache import GQACache, cache_nbytes, quantized_cache
 from ..errors import GQAError
 from ..groups import Groups, groups_label
 from ..methods import method_label
@@ -193,11 +192,6 @@ def new_cache(model: PreTrainedModel, cache_config: dict | None = None) -> Dynam
         return quantized_cache(model, cache_config)
     config = model.config.get_text_config(decoder=True)
     return GQACache(config=config) if is_patched(model) else DynamicCache(config=config)
-
-
-def cache_nbytes(cache: DynamicCache) -> int:
-    """Bytes of keys and values held by any transformers cache, float or quantized (`GQACache.nbytes`)."""
-    return _held_nbytes(cache)
 
 
 @dataclass
