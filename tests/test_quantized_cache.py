@@ -253,7 +253,9 @@ def test_a_quantized_cache_passed_by_the_caller_is_used(padded):
     ids, mask = padded
     model = hf_gqa.patch(tiny_llama(kv=8), groups=[4, 1])
     cache = quantized_cache(model, {"backend": "quanto", "nbits": 2, "q_group_size": 8, "residual_length": 0})
-    out = generate(model, ids, mask, 3, cache=cache)
+    out = generate(
+        model, ids, mask, 3, **compat.cache_kwargs(cache)
+    )  # `cache=` (5.24) or `past_key_values=` (5.23)
     assert compat.output_cache(out) is cache
     assert cache.kv_heads() == [4, 1]
     assert cache.nbytes() > 0
