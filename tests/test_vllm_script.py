@@ -64,6 +64,13 @@ def test_compile_cache_state():
     assert serve.compile_cache_state("Enforce eager set, disabling torch.compile") is None
 
 
+def test_uses_transformers_backend():
+    assert serve.uses_transformers_backend(
+        "(Worker pid=9855) INFO 12-01 22:45:20 [base.py:123] Using Transformers modeling backend."
+    )
+    assert not serve.uses_transformers_backend("INFO [model.py:733] Resolved architecture: GPT2LMHeadModel")
+
+
 def test_error_line():
     log = (
         "(EngineCore pid=9) ERROR 12-01 [core.py:1] EngineCore failed to start.\n"
@@ -216,3 +223,136 @@ def test_serve_original_and_converted(tmp_path):
     assert rows["mean"]["kv_heads_per_layer"] == [1] * 30
     assert report["capacity_ratio"]["eager"] == {"mean": 3.0}
     assert rows["original"]["agreement"]["identical"] == rows["original"]["agreement"]["prompts"]
+
+
+def _mh_row(family, checkpoint, saved, served, tokens, identical=True):
+    reference = [[5, 6, 7], [8, 9, 9], [1, 2, 3]]
+    served_tokens = reference if identical else [[5, 6, 7], [8, 9, 1], [1, 2, 3]]
+    return {
+        "family": family,
+        "checkpoint": checkpoint,
+        "transformers_class": "transformers_modules.GPT2GQALMHeadModel"
+        if saved
+        else "transformers.GPT2LMHeadModel",
+        "reference_tokens": reference,
+        "kv_heads_converted": saved,
+        "vllm_versions": {"vllm": "0.32.0", "torch": "2.13.0+cpu", "transformers": "5.19.0"},
+        "architecture": "TransformersForCausalLM" if saved else "GPT2LMHeadModel",
+        "transformers_backend": bool(saved),
+        "kv_heads_per_layer": served,
+        "kv_cache_size_tokens": tokens,
+        "log_agrees": True,
+        "engine_start_s": 30.5,
+        "agreement": serve.compare_tokens(reference, served_tokens),
+    }
+
+
+def _multi_head_section(rows):
+    return {
+        "command": "python benchmarks/vllm_serve.py --checkpoints '' --multi-head gpt2",
+        "environment": {
+            "date": "2026-12-02T00:00:00+00:00",
+            "versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0", "hf-gqa": "0.1.0"},
+            "machine": {
+                "cpu": "AMD EPYC",
+                "cpu_cores": 2,
+                "platform": "Linux",
+                "load_average": [2.0, 2.0, 2.0],
+            },
+        },
+        "settings": {
+            "configs": {"gpt2": {"n_layer": 4, "n_head": 4, "eos_token_id": None}},
+            "groups": {"uniform-2": [2, 2, 2, 2], "per-layer": [2, 1, 2, 1]},
+            "prompts": {"count": 3, "length": 8, "seed": 3},
+            "check_tokens": 32,
+            "kv_cache_gib": 1,
+            "max_model_len": 256,
+            "seed": 0,
+        },
+        "rows": rows,
+    }
+
+
+def test_multi_head_capacity_ratios():
+    assert serve.expected_capacity_ratio([4] * 4, [2, 1, 2, 1]) == 2.667
+    rows = [
+        _mh_row("gpt2", "original", None, [4] * 4, 262144),
+        _mh_row("gpt2", "uniform-2", [2] * 4, [2] * 4, 524288),
+        _mh_row("gpt2", "per-layer", [2, 1, 2, 1], [2, 1, 2, 1], 699040),
+        {"family": "gpt2", "checkpoint": "uniform-1", "error": "worker exit status 1: boom"},
+    ]
+    serve.add_capacity_ratios(rows)
+    assert (rows[1]["capacity_ratio"], rows[1]["expected_ratio"]) == (2.0, 2.0)
+    assert (rows[2]["capacity_ratio"], rows[2]["expected_ratio"]) == (2.667, 2.667)
+    assert "capacity_ratio" not in rows[0] and "capacity_ratio" not in rows[3]
+
+
+def test_multi_head_section_renders_and_merges_into_an_earlier_report():
+    rows = [
+        _mh_row("gpt2", "original", None, [4] * 4, 262144),
+        _mh_row("gpt2", "per-layer", [2, 1, 2, 1], [2, 1, 2, 1], 699040, identical=False),
+        {
+            "family": "gpt2",
+            "checkpoint": "uniform-1",
+            "transformers_class": "transformers_modules.GPT2GQALMHeadModel",
+            "kv_heads_converted": [1] * 4,
+            "error": "worker exit status 1: boom",
+        },
+    ]
+    serve.add_capacity_ratios(rows)
+    earlier = {**_report([_row("original", 23296, 3, serve.compare_tokens([[1]], [[1]]))]), "probe_gpt2": {}}
+    run = {**_report([]), "multi_head": _multi_head_section(rows)}
+    merged = serve.merged_report(earlier, run)
+    assert merged["rows"] == earlier["rows"] and "probe_gpt2" not in merged
+    assert merged["multi_head"] == run["multi_head"]
+    md = serve.render_markdown(merged)
+    assert "| original | eager | 3 | 46,080 | 23,296 |" in md  # the earlier rows stay
+    assert "### Multi-head-only families served from hf_gqa's remote code" in md
+    assert "Command: `python benchmarks/vllm_serve.py --checkpoints '' --multi-head gpt2`" in md
+    assert (
+        "| gpt2 | original | all (multi-head) | transformers.GPT2LMHeadModel | GPT2LMHeadModel | 4, 4, 4, 4 | "
+        "262,144 | yes |  | 30.5 | 3/3 identical | 8 of 9 |" in md
+    )
+    assert (
+        "| gpt2 | per-layer | 2, 1, 2, 1 | transformers_modules.GPT2GQALMHeadModel | TransformersForCausalLM "
+        "(Transformers backend) | 2, 1, 2, 1 | 699,040 | yes | 2.667x (2.667x) | 30.5 | 2/3 identical (first difference: prompt 2 at new "
+        "token 2) | 8 of 9 |" in md
+    )
+    assert (
+        "| gpt2 | uniform-1 | 1, 1, 1, 1 | transformers_modules.GPT2GQALMHeadModel | | | | | | | failed: "
+        in md
+    )
+    assert "`per-layer` = [2, 1, 2, 1]" in md and "n_layer=4" in md and "eos_token_id" not in md
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no .venv-vllm: bash scripts/setup_vllm.sh")
+def test_serve_converted_gpt2_from_its_remote_code(tmp_path):
+    """Tiny GPT-2, original and converted (uniform and per-layer KV heads), through vLLM from what
+    `save_pretrained` writes (4 eager engines, about 3 minutes on 2 cores): the converted ones on the Transformers
+    backend with the saved KV heads per layer, capacity in the ratio of KV heads, greedy tokens as transformers'."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "vllm_serve.py"),
+        "--checkpoints",
+        "",
+        "--multi-head",
+        "gpt2",
+        "--check-tokens",
+        "16",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    rows = json.loads((tmp_path / "out" / "vllm.json").read_text())["multi_head"]["rows"]
+    assert [r["checkpoint"] for r in rows] == ["original", *serve.MULTI_HEAD_GROUPS]
+    for r in rows:
+        assert not r.get("error"), r.get("error")
+        assert r["agreement"]["identical"] == r["agreement"]["prompts"], r["checkpoint"]
+        assert r["log_agrees"]
+        if r["checkpoint"] != "original":
+            assert r["architecture"] == "TransformersForCausalLM" and r["transformers_backend"]
+            assert r["kv_heads_per_layer"] == r["kv_heads_converted"]
+            assert r["capacity_ratio"] == pytest.approx(r["expected_ratio"], rel=0.01)

@@ -5,10 +5,16 @@ heads than query heads. A converted checkpoint of one of these families therefor
 `modeling_hf_gqa.py` (this package's standalone module, which imports torch and transformers only) is copied into
 the folder, and `config.json` gets
 
-    "auto_map": {"AutoModelForCausalLM": "modeling_hf_gqa.<Family>GQA...ForCausalLM"},
-    "architectures": ["<Family>GQA...ForCausalLM"]
+    "auto_map": {"AutoModel": "modeling_hf_gqa.<Family>GQAModel",
+                 "AutoModelForCausalLM": "modeling_hf_gqa.<Family>GQA...ForCausalLM"},
+    "architectures": ["<Family>GQA...ForCausalLM"],
+    "num_key_value_heads": K                                    (every layer has K key/value heads), or
+    "per_layer_config": {"0": {"num_key_value_heads": K_0}, ...}  (transformers' heterogeneous config)
 
-so that `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` loads it anywhere transformers runs.
+so that `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (and `AutoModel`, the base model) loads
+it anywhere transformers runs, and vLLM's Transformers backend serves GPT-2, OPT, GPT-NeoX and GPT-J checkpoints
+with `trust_remote_code=True` (it builds the `AutoModel` class and sizes each layer's KV cache from the KV-head
+entries, as transformers' static cache does). The layout itself is read from `config.hf_gqa["kv_heads"]`.
 `hf_gqa.from_pretrained(path)` keeps loading it with hf_gqa's own modules (transformers prefers its built-in class
 over the `auto_map` unless told to trust remote code). Natively-GQA families stay standard checkpoints: nothing is
 added to them.
@@ -37,6 +43,13 @@ logger = logging.getLogger("hf_gqa")
 MODELING_FILE = Path(modeling_hf_gqa.__file__).name
 #: The `auto_map` entry transformers reads for causal LMs.
 AUTO_CLASS = "AutoModelForCausalLM"
+#: The `auto_map` entries written, each with the classes of `modeling_hf_gqa.py` it names per `model_type`.
+AUTO_CLASSES: dict[str, dict[str, type[PreTrainedModel]]] = {
+    "AutoModel": modeling_hf_gqa.BASE_MODEL_CLASSES,
+    AUTO_CLASS: modeling_hf_gqa.CAUSAL_LM_CLASSES,
+}
+#: The `config.json` entries that state the KV heads in transformers' terms (written by `kv_heads_config`).
+KV_HEADS_KEYS = ("num_key_value_heads", "per_layer_config")
 
 
 def remote_class_name(config: PretrainedConfig) -> str | None:
@@ -52,9 +65,24 @@ def remote_class_name(config: PretrainedConfig) -> str | None:
     return cls.__name__ if cls is not None else None
 
 
+def kv_heads_config(kv_heads: list[int]) -> dict[str, object]:
+    """The `config.json` entries that state the key/value heads of each layer in transformers' terms, which vLLM
+    (`get_total_num_kv_heads`, `get_per_layer_hf_configs`) and transformers' static cache (`get_head_shapes`) read:
+    `{"num_key_value_heads": K}` when every layer has `K`, else transformers' heterogeneous config
+    `{"per_layer_config": {"0": {"num_key_value_heads": K_0}, ...}}` (keys zero-padded as transformers writes
+    them). The modeling file builds the layers from `config.hf_gqa["kv_heads"]`, never from these."""
+    if len(set(kv_heads)) == 1:
+        return {"num_key_value_heads": kv_heads[0]}
+    digits = len(str(len(kv_heads) - 1))
+    return {
+        "per_layer_config": {str(i).zfill(digits): {"num_key_value_heads": k} for i, k in enumerate(kv_heads)}
+    }
+
+
 def add_remote_code(path: str | os.PathLike, config: PretrainedConfig | None = None) -> list[Path]:
     """Make the checkpoint folder `path` loadable without hf_gqa where its family needs it: copy
-    `modeling_hf_gqa.py` into it and point `config.json`'s `auto_map` and `architectures` at the family's class.
+    `modeling_hf_gqa.py` into it, point `config.json`'s `auto_map` (`AutoModel`, `AutoModelForCausalLM`) and
+    `architectures` at the family's classes, and state the KV heads per layer (`kv_heads_config`).
 
     Args:
         path: a folder with a `config.json` written by `save_pretrained` (or `convert_checkpoint`).
@@ -69,19 +97,37 @@ def add_remote_code(path: str | os.PathLike, config: PretrainedConfig | None = N
     config_file = path / "config.json"
     saved = json.loads(config_file.read_text())
     auto_map = dict(saved.get("auto_map") or {})
+    ours = {k for k, v in auto_map.items() if str(v).startswith(f"{Path(MODELING_FILE).stem}.")}
     if name is None:
         _warn_if_hf_gqa_only(config, path)
-        if str(auto_map.get(AUTO_CLASS, "")).startswith(f"{Path(MODELING_FILE).stem}."):
-            del auto_map[AUTO_CLASS]  # a stale entry of ours: the checkpoint is standard now
+        if ours:  # stale entries of ours: the checkpoint is standard now
+            for key in ours:
+                del auto_map[key]
+            if not _is_natively_gqa(config):  # a multi-head model again: its KV heads are its query heads
+                for key in KV_HEADS_KEYS:
+                    saved.pop(key, None)
             _write_config(config_file, saved, auto_map)
             return [config_file]
         return []
-    auto_map[AUTO_CLASS] = f"{Path(MODELING_FILE).stem}.{name}"
+    model_type = config.get_text_config(decoder=True).model_type
+    for auto_class, classes in AUTO_CLASSES.items():
+        auto_map[auto_class] = f"{Path(MODELING_FILE).stem}.{classes[model_type].__name__}"
     saved["architectures"] = [name]
+    for key in KV_HEADS_KEYS:
+        saved.pop(key, None)
+    kv_heads = [
+        int(k) for k in getattr(config.get_text_config(decoder=True), modeling_hf_gqa.META_KEY)["kv_heads"]
+    ]
+    saved.update(kv_heads_config(kv_heads))
     _write_config(config_file, saved, auto_map)
     target = path / MODELING_FILE
     shutil.copyfile(modeling_hf_gqa.__file__, target)
     return [target, config_file]
+
+
+def _is_natively_gqa(config: PretrainedConfig) -> bool:
+    adapter = next((a for a in ADAPTERS if a.matches_config(config.get_text_config(decoder=True))), None)
+    return adapter is not None and adapter.native_gqa
 
 
 def _warn_if_hf_gqa_only(config: PretrainedConfig, path: Path) -> None:
@@ -142,4 +188,4 @@ def install_save_hook(model: PreTrainedModel) -> None:
     model.save_pretrained = RemoteCodeSaver(model)
 
 
-__all__ = ["RemoteCodeSaver", "add_remote_code", "install_save_hook", "remote_class_name"]
+__all__ = ["RemoteCodeSaver", "add_remote_code", "install_save_hook", "kv_heads_config", "remote_class_name"]

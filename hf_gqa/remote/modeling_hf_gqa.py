@@ -2,16 +2,21 @@
 
 This file is self-contained remote code: it imports torch and transformers only, never hf_gqa. hf_gqa copies it
 into every checkpoint it saves of a multi-head-only family (GPT-2, OPT, GPT-NeoX / Pythia, GPT-J, Falcon of the
-old decoder architecture, Bloom), next to a `config.json` whose `auto_map` names one class below, so that
+old decoder architecture, Bloom), next to a `config.json` whose `auto_map` names two classes below, so that
 
-    AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # `...GQA...ForCausalLM`
+    AutoModel.from_pretrained(path, trust_remote_code=True)             # `...GQAModel`, the base model
 
-loads the converted model where hf_gqa is not installed.
+load the converted model where hf_gqa is not installed. vLLM's Transformers backend builds the base model too
+(`AutoModel.from_config`) for GPT-2, OPT, GPT-NeoX and GPT-J, whose attention dispatches through transformers'
+attention interface; Falcon's and Bloom's compute their own attention (Bloom's and some Falcons' with ALiBi).
 
-Each `...GQA...ForCausalLM` below is the family's transformers class, built from the family's config as usual,
-whose self-attention modules are then replaced by grouped-query ones: layer `i` gets `config.hf_gqa["kv_heads"][i]`
-key/value heads (hf_gqa's metadata; the rest of the config describes the original multi-head model). The grouped
-modules keep the family's parameter names, with smaller key/value blocks, so that the saved tensors load by name:
+Each `...GQAModel` below is the family's transformers base model, built from the family's config as usual, whose
+self-attention modules are then replaced by grouped-query ones: layer `i` gets `config.hf_gqa["kv_heads"][i]`
+key/value heads (hf_gqa's metadata; the rest of the config describes the original multi-head model, plus the KV
+heads in transformers' terms: `num_key_value_heads`, or a heterogeneous `per_layer_config` where layers differ).
+Each `...GQA...ForCausalLM` is the family's causal LM with that base model. The grouped modules keep the family's
+parameter names, with smaller key/value blocks, so that the saved tensors load by name:
 
 - GPT-2: `c_attn` (`Conv1D`, weight `[hidden, H * d + 2 * K * d]`, columns `q | k | v`), `c_proj` unchanged;
 - OPT, GPT-J: `q_proj` `[H * d, hidden]`, `k_proj` / `v_proj` `[K * d, hidden]`, `out_proj` `[hidden, H * d]`;
@@ -26,7 +31,8 @@ family's own (transformers 5.23 and 5.24, which name the cache argument `past_ke
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -36,17 +42,17 @@ from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.generation import utils as generation_utils
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bloom.modeling_bloom import BloomAttention, BloomForCausalLM, dropout_add
-from transformers.models.falcon.modeling_falcon import FalconAttention, FalconForCausalLM
+from transformers.models.bloom.modeling_bloom import BloomAttention, BloomForCausalLM, BloomModel, dropout_add
+from transformers.models.falcon.modeling_falcon import FalconAttention, FalconForCausalLM, FalconModel
 from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb as falcon_rotary
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2LMHeadModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2LMHeadModel, GPT2Model
 from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward as gpt2_eager
-from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXForCausalLM
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, GPTNeoXForCausalLM, GPTNeoXModel
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb as neox_rotary
 from transformers.models.gpt_neox.modeling_gpt_neox import eager_attention_forward as neox_eager
 from transformers.models.gptj import modeling_gptj
-from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJForCausalLM
-from transformers.models.opt.modeling_opt import OPTAttention, OPTForCausalLM
+from transformers.models.gptj.modeling_gptj import GPTJAttention, GPTJForCausalLM, GPTJModel
+from transformers.models.opt.modeling_opt import OPTAttention, OPTForCausalLM, OPTModel
 from transformers.models.opt.modeling_opt import eager_attention_forward as opt_eager
 from transformers.pytorch_utils import Conv1D
 
@@ -258,7 +264,7 @@ class OPTGQAAttention(OPTAttention):
         """`hidden_states [b, s, hidden]` -> `(output [b, s, hidden], weights [b, H, s, k] or None)`; the cache
         receives keys and values `[b, K, s, d]`."""
         cache = pop_cache(kwargs)
-        bsz, tgt_len, _ = hidden_states.size()
+        bsz = hidden_states.shape[0]
         query = self.q_proj(hidden_states) * self.scaling
         query = query.view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
         key = (
@@ -281,7 +287,8 @@ class OPTGQAAttention(OPTAttention):
             scaling=1.0,
             **kwargs,
         )
-        attn_output = attn_output.reshape(bsz, tgt_len, -1).contiguous()
+        # By the input's shape: an attention function may return `[b * s, H * d]` (vLLM's does).
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.out_proj(attn_output), attn_weights
 
 
@@ -371,6 +378,9 @@ class GPTJGQAAttention(GPTJAttention):
         self.num_key_value_groups = self.num_attention_heads // num_key_value_heads
         self.k_proj = nn.Linear(self.embed_dim, num_key_value_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(self.embed_dim, num_key_value_heads * self.head_dim, bias=False)
+        # An attribute, not an expression at the call: vLLM's Transformers backend reads `scaling=` from the source
+        # and resolves only literals and `self.<attribute>`.
+        self.scaling = self.head_dim**-0.5
 
     def _sin_cos(
         self,
@@ -427,7 +437,7 @@ class GPTJGQAAttention(GPTJAttention):
             value,
             attention_mask if implementation != "eager" else additive_mask(attention_mask, torch.float32),
             dropout=self.config.attn_pdrop if self.training else 0.0,
-            scaling=self.head_dim**-0.5,
+            scaling=self.scaling,
             **kwargs,
         )
         attn_output = self.out_proj(attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous())
@@ -648,63 +658,187 @@ def group_attention(
         setattr(model.get_submodule(parent), attr, build(config, layer_idx, heads))
 
 
-class GPT2GQALMHeadModel(GPT2LMHeadModel):
-    """GPT-2 with grouped-query self-attention (`GPT2GQAAttention`); cross-attention layers stay multi-head."""
+def use_base_model(model: PreTrainedModel, base_class: type[PreTrainedModel]) -> None:
+    """Make `base_class(config)` the base model of the causal LM `model` (the attribute `base_model_prefix` names,
+    so that parameter names and checkpoint keys stay the family's), then run `post_init` again: the tied LM head
+    and the keys to ignore on load follow the new base model."""
+    setattr(model, model.base_model_prefix, base_class(model.config))
+    for name in (
+        "_keys_to_ignore_on_load_unexpected",
+        "_keys_to_ignore_on_load_missing",
+        "_keys_to_ignore_on_save",
+    ):
+        model.__dict__.pop(name, None)  # gathered from the replaced base model by the first `post_init`
+    model.post_init()
+
+
+def is_gpt2_self_attention(module: nn.Module) -> bool:
+    return isinstance(module, GPT2Attention) and not module.is_cross_attention
+
+
+# Base models: what `AutoModel.from_pretrained(path, trust_remote_code=True)` returns, and what vLLM's Transformers
+# backend builds (`AutoModel.from_config`; it adds its own LM head and KV cache). `_supports_attention_backend`:
+# their attention modules dispatch through `ALL_ATTENTION_FUNCTIONS` once per forward, with an integer `layer_idx`
+# and `scaling=` a literal or `self.scaling`, and reshape the output by the input's shape.
+class GPT2GQAModel(GPT2Model):
+    """GPT-2's base model with grouped-query self-attention (`GPT2GQAAttention`); cross-attention stays
+    multi-head."""
+
+    _supports_attention_backend = True
+    # GPT-2's own `["attn.bias", "crossattention.bias"]`, anchored: vLLM's Transformers backend searches checkpoint
+    # keys with them as regular expressions, and "attn.bias" also matches the real `h.0.attn.c_attn.bias`.
+    _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.crossattention\.bias$"]
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
-        group_attention(
-            self, lambda m: isinstance(m, GPT2Attention) and not m.is_cross_attention, GPT2GQAAttention
-        )
+        group_attention(self, is_gpt2_self_attention, GPT2GQAAttention)
 
 
-class OPTGQAForCausalLM(OPTForCausalLM):
-    """OPT with grouped-query attention (`OPTGQAAttention`)."""
+class OPTGQAModel(OPTModel):
+    """OPT's base model with grouped-query attention (`OPTGQAAttention`)."""
+
+    _supports_attention_backend = True
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
         group_attention(self, lambda m: isinstance(m, OPTAttention), OPTGQAAttention)
 
 
-class GPTNeoXGQAForCausalLM(GPTNeoXForCausalLM):
-    """GPT-NeoX / Pythia with grouped-query attention (`GPTNeoXGQAAttention`)."""
+class GPTNeoXGQAModel(GPTNeoXModel):
+    """GPT-NeoX / Pythia base model with grouped-query attention (`GPTNeoXGQAAttention`)."""
+
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = [r"\.attention\.bias$", r"\.attention\.masked_bias$"]
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
         group_attention(self, lambda m: isinstance(m, GPTNeoXAttention), GPTNeoXGQAAttention)
 
 
-class GPTJGQAForCausalLM(GPTJForCausalLM):
-    """GPT-J with grouped-query attention (`GPTJGQAAttention`)."""
+@contextmanager
+def gptj_blocks_buildable(config: PretrainedConfig) -> Iterator[None]:
+    """Build GPT-J's blocks whatever attention function `config` names.
+
+    transformers before GPT-J's rewrite (5.23, and 5.19 in vLLM 0.32's environment) picks each block's attention
+    class from `GPTJ_ATTENTION_CLASSES[config._attn_implementation]` (eager, flash-attention 2), which knows no other
+    registered function: vLLM's "vllm" raises a `KeyError`. There the blocks are built eager; the grouped modules
+    that replace their attention read `config._attn_implementation` (restored) at every call."""
+    classes = getattr(modeling_gptj, "GPTJ_ATTENTION_CLASSES", None)
+    implementation = config._attn_implementation
+    if classes is None or implementation is None or implementation in classes:
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = implementation
+
+
+class GPTJGQAModel(GPTJModel):
+    """GPT-J's base model with grouped-query attention (`GPTJGQAAttention`)."""
+
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
 
     def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__(config)
+        with gptj_blocks_buildable(config):
+            super().__init__(config)
         group_attention(self, lambda m: isinstance(m, GPTJAttention), GPTJGQAAttention)
 
 
-class FalconGQAForCausalLM(FalconForCausalLM):
-    """Falcon of the old decoder architecture (multi-head or `multi_query`) with grouped-query attention
-    (`FalconGQAAttention`). The new decoder architecture is natively GQA and loads without this file."""
+def check_old_falcon(config: PretrainedConfig) -> None:
+    if config.new_decoder_architecture:
+        raise ValueError(
+            "The FalconGQA classes build Falcon of the old decoder architecture; a new-architecture checkpoint is "
+            "natively GQA (config.num_kv_heads) and loads with transformers' Falcon classes."
+        )
+
+
+class FalconGQAModel(FalconModel):
+    """Falcon's base model (old decoder architecture) with grouped-query attention (`FalconGQAAttention`). Its
+    attention runs its own arithmetic (ALiBi or rotary), not the attention interface: vLLM's Transformers backend
+    cannot serve it."""
 
     def __init__(self, config: PretrainedConfig) -> None:
-        if config.new_decoder_architecture:
-            raise ValueError(
-                "FalconGQAForCausalLM builds Falcon of the old decoder architecture; a new-architecture checkpoint "
-                "is natively GQA (config.num_kv_heads) and loads with FalconForCausalLM."
-            )
+        check_old_falcon(config)
         super().__init__(config)
         group_attention(self, lambda m: isinstance(m, FalconAttention), FalconGQAAttention)
 
 
-class BloomGQAForCausalLM(BloomForCausalLM):
-    """Bloom with grouped-query attention (`BloomGQAAttention`)."""
+class BloomGQAModel(BloomModel):
+    """Bloom's base model with grouped-query attention (`BloomGQAAttention`; ALiBi, its own arithmetic: vLLM's
+    Transformers backend cannot serve it)."""
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
         group_attention(self, lambda m: isinstance(m, BloomAttention), BloomGQAAttention)
 
 
-#: The class of each `config.model_type` (Falcon: old decoder architecture only), for `config.json`'s `auto_map`.
+# Causal LMs: the family's class with the grouped base model above (same parameter names, same checkpoint keys).
+class GPT2GQALMHeadModel(GPT2LMHeadModel):
+    """GPT-2 with grouped-query self-attention: `transformer` is a `GPT2GQAModel`."""
+
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = GPT2GQAModel._keys_to_ignore_on_load_unexpected
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        use_base_model(self, GPT2GQAModel)
+
+
+class OPTGQAForCausalLM(OPTForCausalLM):
+    """OPT with grouped-query attention: `model` is an `OPTGQAModel`."""
+
+    _supports_attention_backend = True
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        use_base_model(self, OPTGQAModel)
+
+
+class GPTNeoXGQAForCausalLM(GPTNeoXForCausalLM):
+    """GPT-NeoX / Pythia with grouped-query attention: `gpt_neox` is a `GPTNeoXGQAModel`."""
+
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = GPTNeoXGQAModel._keys_to_ignore_on_load_unexpected
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        use_base_model(self, GPTNeoXGQAModel)
+
+
+class GPTJGQAForCausalLM(GPTJForCausalLM):
+    """GPT-J with grouped-query attention: `transformer` is a `GPTJGQAModel`."""
+
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = GPTJGQAModel._keys_to_ignore_on_load_unexpected
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        use_base_model(self, GPTJGQAModel)
+
+
+class FalconGQAForCausalLM(FalconForCausalLM):
+    """Falcon of the old decoder architecture (multi-head or `multi_query`) with grouped-query attention:
+    `transformer` is a `FalconGQAModel`. The new decoder architecture is natively GQA and loads without this file."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        check_old_falcon(config)
+        super().__init__(config)
+        use_base_model(self, FalconGQAModel)
+
+
+class BloomGQAForCausalLM(BloomForCausalLM):
+    """Bloom with grouped-query attention: `transformer` is a `BloomGQAModel`."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        use_base_model(self, BloomGQAModel)
+
+
+#: The causal-LM class of each `config.model_type` (Falcon: old decoder architecture only), for `config.json`'s
+#: `auto_map["AutoModelForCausalLM"]`.
 CAUSAL_LM_CLASSES: dict[str, type[PreTrainedModel]] = {
     "gpt2": GPT2GQALMHeadModel,
     "opt": OPTGQAForCausalLM,
@@ -713,6 +847,18 @@ CAUSAL_LM_CLASSES: dict[str, type[PreTrainedModel]] = {
     "falcon": FalconGQAForCausalLM,
     "bloom": BloomGQAForCausalLM,
 }
+#: The base-model class of each `config.model_type`, for `auto_map["AutoModel"]`.
+BASE_MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "gpt2": GPT2GQAModel,
+    "opt": OPTGQAModel,
+    "gpt_neox": GPTNeoXGQAModel,
+    "gptj": GPTJGQAModel,
+    "falcon": FalconGQAModel,
+    "bloom": BloomGQAModel,
+}
+#: The families whose grouped attention dispatches through transformers' attention interface, so that vLLM's
+#: Transformers backend serves them (Falcon's and Bloom's compute their own attention; Bloom's carries ALiBi).
+ATTENTION_INTERFACE_FAMILIES = ("gpt2", "opt", "gpt_neox", "gptj")
 
 
 def register_checkpoint_renamings() -> None:
@@ -728,7 +874,7 @@ def register_checkpoint_renamings() -> None:
         )
     except ImportError:  # a transformers release without conversion mappings renames nothing
         return
-    for cls in CAUSAL_LM_CLASSES.values():
+    for cls in (*CAUSAL_LM_CLASSES.values(), *BASE_MODEL_CLASSES.values()):
         mapping = get_checkpoint_conversion_mapping(cls.__mro__[1].__name__)
         if mapping:
             register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
