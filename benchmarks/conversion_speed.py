@@ -11,7 +11,8 @@ articles, both never used for calibration:
     python benchmarks/conversion_speed.py --settings "steps=100,tokens=8192" "steps=40,tokens=2048,block=128"
 
 A setting is `key=value` pairs joined by commas: `steps` (refine steps per layer), `tokens` (calibration
-tokens), `block` (tokens per calibration block), `lr` (refine rate). Results:
+tokens), `block` (tokens per calibration block), `lr` (refine rate), `pos` (token positions each refine step is
+scored on, `Refine(positions=...)`; all of them when absent). Results:
 `benchmarks/results/conversion_speed.{md,json}` (rows of a run replace those of earlier runs with the same
 setting).
 """
@@ -39,7 +40,7 @@ def parse_setting(text: str) -> dict[str, float | int]:
     out: dict[str, float | int] = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
-        if key not in {"steps", "tokens", "block", "lr"}:
+        if key not in {"steps", "tokens", "block", "lr", "pos"}:
             raise SystemExit(f"unknown setting {key!r} in {text!r}")
         out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
     return out
@@ -53,6 +54,7 @@ def convert(model, tokenizer, setting: dict) -> tuple[float, float]:
     method = hf_gqa.Refine(
         steps=int(setting.get("steps", 100)),
         lr=float(setting.get("lr", 3e-4)),
+        positions=int(setting["pos"]) if "pos" in setting else None,
     )
     wall, cpu = time.perf_counter(), time.process_time()
     hf_gqa.patch(

@@ -150,23 +150,32 @@ def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple,
 def collect_attention_stats(
     attention: nn.Module, layer: nn.Module, calls: list[tuple[tuple, dict]], keep_inputs: bool
 ) -> LayerStats:
-    """Statistics of `attention`'s input while `layer` runs on each captured call."""
-    hidden = _first_arg(*calls[0]).shape[-1]
-    stats = LayerStats.empty(hidden)
+    """Statistics of `attention`'s input while `layer` runs on each captured call (up to its attention call: the
+    rest of the layer is not run)."""
+    first = _first_arg(*calls[0])
+    stats = LayerStats.empty(first.shape[-1], device=first.device)  # on the activations' device (cuda too)
 
     def hook(module, args, kwargs):
         stats.add(_first_arg(args, kwargs))
         if keep_inputs:
             kept = {k: v for k, v in kwargs.items() if k not in compat.CACHE_NAMES}
             stats.inputs.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kept))
+        raise _Reached
 
     handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for args, kwargs in calls:
-            run_layer(layer, args, kwargs)
+            try:
+                run_layer(layer, args, kwargs)
+            except _Reached:
+                pass
     finally:
         handle.remove()
     return stats
+
+
+class _Reached(Exception):
+    """Raised by `collect_attention_stats`' hook once it has what it needs of a layer's call."""
 
 
 def progress(iterable, total: int, desc: str, enabled: bool = True):

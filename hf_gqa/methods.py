@@ -83,6 +83,9 @@ class Refine(ConversionMethod):
     """`init`'s closed form, then per layer `steps` Adam steps (rate `lr`, cosine decay) fitting the converted
     block (`scope="attention"`) or a copy of its whole decoder layer (`scope="layer"`) to the original's output
     on the calibration data (`target`, see `REFINE_TARGETS`). A fit that ends worse than it started is undone.
+    Each step fits one calibration sequence scored on `positions` of its token positions drawn at random (all of
+    them with `positions=None`); the layer then computes only those positions, keys and values excepted
+    (`hf_gqa.refine.PositionSubset`), so a step costs about `positions / block_size` of a full one.
 
     With `steps=0` it is `init` alone.
     """
@@ -92,6 +95,7 @@ class Refine(ConversionMethod):
     target: str = "residual"
     scope: str = "layer"
     init: str | Merge = "score"
+    positions: int | None = None
     name: ClassVar[str] = "refine"
     needs_calibration: ClassVar[bool] = True
 
@@ -104,6 +108,10 @@ class Refine(ConversionMethod):
             raise GQAError(f"refine target must be one of {REFINE_TARGETS}, got {self.target!r}.")
         if self.scope not in REFINE_SCOPES:
             raise GQAError(f"refine scope must be one of {REFINE_SCOPES}, got {self.scope!r}.")
+        if self.positions is not None and (
+            isinstance(self.positions, bool) or not isinstance(self.positions, int) or self.positions < 1
+        ):
+            raise GQAError(f"refine positions must be an int >= 1 or None (all), got {self.positions!r}.")
         start = get_method(self.init) if isinstance(self.init, str) else self.init
         if not isinstance(start, Merge):
             raise GQAError(f"refine starts from a closed-form merge, not {self.init!r}.")

@@ -82,6 +82,7 @@ def patch(
     refine_lr: float | None = None,
     refine_target: str | None = None,
     refine_scope: str | None = None,
+    refine_positions: int | None = None,
 ) -> PreTrainedModel:
     """Convert `model`'s attention to GQA with `groups` key/value heads, in place, and return it.
 
@@ -107,9 +108,10 @@ def patch(
             minimise the summed output error of the converted attention blocks (see `hf_gqa.budget`).
         attn_implementation: attention implementation to set after conversion. By default a model on `"sdpa"`
             moves to `"hf_gqa_sdpa"` (identical numerics, no K/V copies for padded batches on CPU).
-        refine_steps, refine_lr, refine_target, refine_scope: the older spelling of `method=Refine(steps=...,
-            lr=..., target=..., scope=...)` (see `hf_gqa.methods.Refine`); `refine_steps` with another merge
-            refines from that merge (`merge="mean", refine_steps=100`).
+        refine_steps, refine_lr, refine_target, refine_scope, refine_positions: the short spelling of
+            `method=Refine(steps=..., lr=..., target=..., scope=..., positions=...)` (see
+            `hf_gqa.methods.Refine`); `refine_steps` with another merge refines from that merge
+            (`merge="mean", refine_steps=100`).
 
     Returns:
         The same model object, converted. `generate()` then uses an `hf_gqa.GQACache`.
@@ -126,7 +128,13 @@ def patch(
         grouping,
         calibration,
         tokenizer,
-        dict(steps=refine_steps, lr=refine_lr, target=refine_target, scope=refine_scope),
+        dict(
+            steps=refine_steps,
+            lr=refine_lr,
+            target=refine_target,
+            scope=refine_scope,
+            positions=refine_positions,
+        ),
         dict(tokens=calibration_tokens, block_size=block_size, seed=seed),
         batch_size,
         sequential,
@@ -308,6 +316,7 @@ def _run(model: PreTrainedModel, conversion: Conversion, plans: list[LayerPlan])
                 conversion.sequential,
                 method if isinstance(method, Refine) else None,
                 conversion.show_progress,
+                conversion.adapter.key_value_inputs,
             )
     for _, _, old, new in replacements:
         _copy_modes(old, new)

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from . import compat
 from .calibration import LayerStats, collect_attention_stats, progress, run_layer, with_hidden
 from .methods import Refine
-from .refine import refine_module
+from .refine import PositionSubset, refine_module
 
 logger = logging.getLogger("hf_gqa")
 
@@ -86,22 +88,59 @@ def _refine_layer(
     new: nn.Module,
     layer_calls: list[tuple[tuple, dict]],
     targets: list[torch.Tensor],
-    steps: int,
-    lr: float,
+    refine: Refine,
     seed: int,
+    key_value_inputs: tuple[str, ...],
+    outputs: list[torch.Tensor] | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """A copy of decoder `layer` holding the converted attention `new` (in place of `parent.attr`), refined as a
-    whole to `targets` on `layer_calls`. `layer` itself is left as it was."""
+    whole to `targets` on `layer_calls`; the copy's outputs on `layer_calls` are appended to `outputs`. `layer`
+    itself is left as it was. The copy shares the model's config objects (a copied config would not follow
+    later changes of the model's, such as its attention implementation)."""
     import copy
 
     old = getattr(parent, attr)
     setattr(parent, attr, new)
     try:
-        new_layer = copy.deepcopy(layer)
+        path = next(name for name, module in layer.named_modules() if module is new)
+        new_layer = copy.deepcopy(layer, memo=_shared_configs(layer))
     finally:
         setattr(parent, attr, old)
-    fit = refine_module(layer, new_layer, layer_calls, steps=steps, lr=lr, seed=seed, targets=targets)
+    subset = None
+    if refine.positions is not None:
+        subset = PositionSubset.of(new_layer, new_layer.get_submodule(path), key_value_inputs)
+    fit = refine_module(
+        layer,
+        new_layer,
+        layer_calls,
+        steps=refine.steps,
+        lr=refine.lr,
+        seed=seed,
+        targets=targets,
+        positions=refine.positions,
+        subset=subset,
+        outputs=outputs,
+    )
     return new_layer, fit
+
+
+def _shared_configs(module: nn.Module) -> dict[int, object]:
+    """A `copy.deepcopy` memo that keeps every `PretrainedConfig` held by `module`'s submodules shared."""
+    return {
+        id(value): value
+        for sub in module.modules()
+        for value in vars(sub).values()
+        if isinstance(value, PretrainedConfig)
+    }
+
+
+def kept_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A decoder layer's captured call as the replay uses it: cache arguments dropped, `use_cache=False`, and the
+    hidden states left out (`None`; they are recomputed during the replay)."""
+    kept = {k: v for k, v in kwargs.items() if k not in compat.CACHE_NAMES}
+    if "use_cache" in kept:
+        kept["use_cache"] = False
+    return with_hidden(args, kept, None)
 
 
 def capture_all_layer_calls(
@@ -118,13 +157,10 @@ def capture_all_layer_calls(
 
     def make_hook(i: int):
         def hook(module, args, kwargs):
-            kept = {k: v for k, v in kwargs.items() if k not in compat.CACHE_NAMES}
-            if "use_cache" in kept:
-                kept["use_cache"] = False
             h = args[0] if args else kwargs["hidden_states"]
             if i == 0:
                 hidden.append(h.detach())
-            calls[i].append(with_hidden(args, kept, None))
+            calls[i].append(kept_call(args, kwargs))
             if i == len(layers) - 1:
                 raise _Stop
 
@@ -146,6 +182,145 @@ def capture_all_layer_calls(
     return hidden, calls
 
 
+@dataclass(frozen=True)
+class SequentialSettings:
+    """How `sequential_step` converts a layer: calibrate on the converted stream (`sequential`) and the `Refine`
+    settings, if any."""
+
+    sequential: bool = True
+    refine: Refine | None = None
+    key_value_inputs: tuple[str, ...] = ("k_proj", "v_proj")
+
+    @property
+    def refine_steps(self) -> int:
+        return self.refine.steps if self.refine is not None else 0
+
+    @property
+    def refine_lr(self) -> float:
+        return self.refine.lr if self.refine is not None else 0.0
+
+    @property
+    def refine_target(self) -> str:
+        return self.refine.target if self.refine is not None else "residual"
+
+    @property
+    def refine_scope(self) -> str:
+        return self.refine.scope if self.refine is not None else "attention"
+
+    @property
+    def tracks_original(self) -> bool:
+        """Whether the original model's own trajectory is carried along (drift-corrected refine targets)."""
+        return self.sequential and self.refine_steps > 0 and self.refine_target != "local"
+
+
+@dataclass
+class LayerStep:
+    """What `sequential_step` did for one decoder layer.
+
+    Attributes:
+        replacement: the module swap `(parent, attribute, old, new)`; with `sequential` it is already swapped in.
+        log: `{"layer", "tokens"}` and the refine fit (`before`, `after`, `reverted`) where refined.
+        hidden: per batch, the next layer's input hidden states `[batch, seq, hidden]`.
+        original_hidden: per batch, the original model's next hidden states, or None when not tracked.
+    """
+
+    replacement: Replacement
+    log: dict
+    hidden: list[torch.Tensor]
+    original_hidden: list[torch.Tensor] | None
+
+
+def sequential_step(
+    model: nn.Module,
+    index: int,
+    plan,
+    layer: nn.Module,
+    calls: list[tuple[tuple, dict]],
+    hidden: list[torch.Tensor],
+    original_hidden: list[torch.Tensor] | None,
+    convert_layer: ConvertLayer,
+    settings: SequentialSettings,
+) -> LayerStep:
+    """Convert decoder layer `index` (holding `plan.module`) on its captured `calls` (hidden states left out)
+    and its input `hidden` (per batch, `[batch, seq, hidden]`): gather the attention input statistics, merge,
+    refine where asked (to the original trajectory `original_hidden` where tracked), swap the result in when
+    `settings.sequential`, and compute the next layer's input. The one per-layer step of `run_sequential` and of
+    the onloaded conversion of checkpoints (`hf_gqa.onload`)."""
+    refine_steps, refine_lr = settings.refine_steps, settings.refine_lr
+    refine_target, refine_scope = settings.refine_target, settings.refine_scope
+    layer_calls = [with_hidden(a, k, h) for (a, k), h in zip(calls, hidden)]
+    refine_attention = refine_steps > 0 and refine_scope == "attention"
+    stats = collect_attention_stats(plan.module, layer, layer_calls, keep_inputs=refine_attention)
+    new = convert_layer(plan, stats)
+    log = {"layer": index, "tokens": stats.tokens}
+    refined_outputs: list[torch.Tensor] = []
+    parent_name, _, attr = plan.name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    next_original = None
+    if original_hidden is not None:
+        attention_outputs, next_original = _original_step(plan.module, layer, calls, original_hidden)
+    if refine_steps > 0 and refine_scope == "layer":
+        targets = next_original
+        if targets is None:
+            targets = [run_layer(layer, a, k) for a, k in layer_calls]
+        new_layer, fit = _refine_layer(
+            layer,
+            parent,
+            attr,
+            new,
+            layer_calls,
+            targets,
+            settings.refine,
+            index,
+            settings.key_value_inputs,
+            refined_outputs,
+        )
+        log.update(fit)
+        layers_parent_name, _, layer_attr = plan.name.rpartition(".")[0].rpartition(".")
+        swap_parent, swap_attr, old_module, new_module = (
+            model.get_submodule(layers_parent_name),
+            layer_attr,
+            layer,
+            new_layer,
+        )
+    else:
+        if refine_attention:
+            targets = None
+            if next_original is not None:
+                targets = _drift_targets(attention_outputs, original_hidden, hidden, refine_target)
+            fit = refine_module(
+                plan.module,
+                new,
+                stats.inputs,
+                steps=refine_steps,
+                lr=refine_lr,
+                seed=index,
+                targets=targets,
+            )
+            log.update(fit)
+        swap_parent, swap_attr, old_module, new_module = parent, attr, plan.module, new
+    stats.inputs.clear()
+    if settings.sequential:
+        setattr(swap_parent, swap_attr, new_module)
+    # a swapped decoder layer is a new object; a swapped attention module lives inside `layer`
+    runner = new_module if settings.sequential and old_module is layer else layer
+    try:
+        if runner is new_module and refined_outputs:
+            # the refined layer's outputs on these calls, computed for its fit's error: no second forward
+            next_hidden = refined_outputs
+        else:
+            next_hidden = [run_layer(runner, a, k) for a, k in layer_calls]
+    except BaseException:
+        setattr(swap_parent, swap_attr, old_module)  # a failed step leaves the model as it found it
+        raise
+    return LayerStep(
+        (swap_parent, swap_attr, old_module, new_module),
+        log,
+        next_hidden,
+        next_original if next_original is not None else original_hidden,
+    )
+
+
 def run_sequential(
     model: nn.Module,
     plans: list,
@@ -155,6 +330,7 @@ def run_sequential(
     sequential: bool = True,
     refine: Refine | None = None,
     show_progress: bool = True,
+    key_value_inputs: tuple[str, ...] = ("k_proj", "v_proj"),
 ) -> tuple[list[Replacement], list[dict]]:
     """Convert every planned layer on calibration `blocks` (`[n, block_size]` token ids); returns the module
     replacements and per-layer logs.
@@ -162,73 +338,23 @@ def run_sequential(
     The model is left unchanged: replacements are swapped in only for the replay and swapped back out before
     returning (the caller applies them all at once). With a `Refine` of `scope="layer"` a replacement is a whole
     decoder layer (a refined copy holding the converted attention), otherwise the attention module.
+    `key_value_inputs`: the family's key/value projections inside an attention module (the adapter's), which
+    a refine step scored on a few positions still runs on every position.
     """
-    refine_steps = refine.steps if refine is not None else 0
-    refine_lr = refine.lr if refine is not None else 0.0
-    refine_target = refine.target if refine is not None else "residual"
-    refine_scope = refine.scope if refine is not None else "attention"
+    settings = SequentialSettings(sequential, refine, key_value_inputs)
     layers = [model.get_submodule(p.name.rpartition(".")[0]) for p in plans]
     hidden, calls = capture_all_layer_calls(model, layers, blocks, batch_size)
-    tracks_original = sequential and refine_steps > 0 and refine_target != "local"
-    original_hidden = list(hidden) if tracks_original else None
+    original_hidden = list(hidden) if settings.tracks_original else None
     replacements, logs = [], []
     try:
         for i in progress(range(len(plans)), len(plans), "hf_gqa: converting layers", show_progress):
-            plan, layer = plans[i], layers[i]
-            layer_calls = [with_hidden(a, k, h) for (a, k), h in zip(calls[i], hidden)]
-            refine_attention = refine_steps > 0 and refine_scope == "attention"
-            stats = collect_attention_stats(plan.module, layer, layer_calls, keep_inputs=refine_attention)
-            new = convert_layer(plan, stats)
-            log = {"layer": i, "tokens": stats.tokens}
-            parent_name, _, attr = plan.name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            next_original = None
-            if original_hidden is not None:
-                attention_outputs, next_original = _original_step(
-                    plan.module, layer, calls[i], original_hidden
-                )
-            if refine_steps > 0 and refine_scope == "layer":
-                targets = next_original
-                if targets is None:
-                    targets = [run_layer(layer, a, k) for a, k in layer_calls]
-                new_layer, fit = _refine_layer(
-                    layer, parent, attr, new, layer_calls, targets, refine_steps, refine_lr, i
-                )
-                log.update(fit)
-                layers_parent_name, _, layer_attr = plan.name.rpartition(".")[0].rpartition(".")
-                swap_parent, swap_attr, old_module, new_module = (
-                    model.get_submodule(layers_parent_name),
-                    layer_attr,
-                    layer,
-                    new_layer,
-                )
-            else:
-                if refine_attention:
-                    targets = None
-                    if next_original is not None:
-                        targets = _drift_targets(attention_outputs, original_hidden, hidden, refine_target)
-                    fit = refine_module(
-                        plan.module,
-                        new,
-                        stats.inputs,
-                        steps=refine_steps,
-                        lr=refine_lr,
-                        seed=i,
-                        targets=targets,
-                    )
-                    log.update(fit)
-                swap_parent, swap_attr, old_module, new_module = parent, attr, plan.module, new
-            stats.inputs.clear()
-            replacements.append((swap_parent, swap_attr, old_module, new_module))
-            if next_original is not None:
-                original_hidden = next_original
-            if sequential:
-                setattr(swap_parent, swap_attr, new_module)
-            # a swapped decoder layer is a new object; a swapped attention module lives inside `layer`
-            runner = new_module if sequential and old_module is layer else layer
-            hidden = [run_layer(runner, a, k) for a, k in layer_calls]
-            logs.append(log)
-            logger.debug("layer %d: %s", i, log)
+            step = sequential_step(
+                model, i, plans[i], layers[i], calls[i], hidden, original_hidden, convert_layer, settings
+            )
+            replacements.append(step.replacement)
+            hidden, original_hidden = step.hidden, step.original_hidden
+            logs.append(step.log)
+            logger.debug("layer %d: %s", i, step.log)
     finally:
         for parent, attr, old, _ in replacements:
             setattr(parent, attr, old)

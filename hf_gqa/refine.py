@@ -8,8 +8,17 @@ through the model.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.pytorch_utils import Conv1D
 
 
 def _output(out) -> torch.Tensor:
@@ -39,12 +48,141 @@ def _rows(obj, index: int, batch: int, key: str | None = None):
     return obj
 
 
-def relative_error(module: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor]) -> float:
-    """`sum ||module(x) - target||^2 / sum ||target||^2` over captured `(args, kwargs)` calls and their targets."""
+#: The attention implementation a refine step switches an SDPA attention module to (see `PositionSubset`).
+ROWS_ATTENTION = "hf_gqa_rows"
+_ROWS: ContextVar[torch.Tensor | None] = ContextVar("hf_gqa_rows", default=None)
+_SDPA_NAMES = ("sdpa", "hf_gqa_sdpa")
+
+
+def rows_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for the query positions of the active `PositionSubset` only.
+
+    `query [b, H, T, d]`, `key`/`value [b, K, T, d]`; returns `[b, T, H, d]`, zeros at the other query positions.
+    Outside a subset (or for a decode step), plain SDPA."""
+    rows = _ROWS.get()
+    if rows is None or query.shape[2] != key.shape[2] or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    length = key.shape[2]
+    if attention_mask is None:  # causal: key j is visible from query position i when j <= i
+        mask = torch.arange(length, device=query.device)[None, :] <= rows[:, None]
+    else:
+        mask = attention_mask[..., :length].index_select(-2, rows)
+        if mask.dtype != torch.bool and mask.dtype != query.dtype:
+            mask = mask.to(query.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.index_select(2, rows), key, value, attn_mask=mask, scale=scaling, enable_gqa=True
+    )  # [b, H, n, d]
+    return query.new_zeros(query.shape).index_copy(2, rows, out).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ROWS_ATTENTION, rows_attention_forward)
+
+
+def _dispatches(attention: nn.Module) -> bool:
+    """Whether `attention`'s forward looks its attention function up in transformers' interface (the same test
+    transformers applies before letting a model switch implementations)."""
+    try:
+        source = inspect.getsource(type(attention).forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+@dataclass
+class PositionSubset:
+    """What of a decoder layer may compute only the token positions a loss reads.
+
+    After attention nothing in a decoder layer mixes positions, and inside attention only keys and values are read
+    at every position. So a refine step scored on `n` of a sequence's `T` positions runs the layer's position-wise
+    linear maps (`modules`: MLP, query and output projections) on those `n` rows only and, where `attention`
+    dispatches through transformers' SDPA, attends from those `n` queries only; keys and values still cover all
+    `T` positions. Exact at the scored positions; the others come out wrong and are never read.
+    """
+
+    modules: list[nn.Module]
+    attention: nn.Module | None = None
+
+    @classmethod
+    def of(cls, layer: nn.Module, attention: nn.Module, key_value_inputs: tuple[str, ...]) -> PositionSubset:
+        """The subset of decoder `layer` around `attention`, whose submodules named in `key_value_inputs` (k/v
+        projections, fused qkv projections) read every position."""
+        reads_all = {id(m) for name in key_value_inputs if (m := getattr(attention, name, None)) is not None}
+        modules = [
+            m for m in layer.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in reads_all
+        ]
+        config = getattr(attention, "config", None)
+        sdpa = getattr(config, "_attn_implementation", None) in _SDPA_NAMES and _dispatches(attention)
+        return cls(modules, attention if sdpa else None)
+
+    @contextmanager
+    def only(self, rows: torch.Tensor) -> Iterator[None]:
+        """Within the block, compute positions `rows` (`[n]`, sorted indices into `T`) only."""
+        shapes: dict[int, int] = {}
+
+        def before(module, args):
+            x = args[0]
+            shapes[id(module)] = x.shape[-2]
+            return (x.index_select(-2, rows), *args[1:])
+
+        def after(module, args, output):
+            full = list(output.shape)
+            full[-2] = shapes.pop(id(module))
+            return output.new_zeros(full).index_copy(output.dim() - 2, rows, output)
+
+        handles = []
+        config = self.attention.config if self.attention is not None else None
+        implementation = config._attn_implementation if config is not None else None
+        token = _ROWS.set(rows)
+        try:
+            for m in self.modules:
+                handles.append(m.register_forward_pre_hook(before))
+                handles.append(m.register_forward_hook(after))
+            if config is not None:
+                config._attn_implementation = ROWS_ATTENTION
+            yield
+        finally:
+            if config is not None:
+                config._attn_implementation = implementation
+            _ROWS.reset(token)
+            for h in handles:
+                h.remove()
+
+
+def relative_error(
+    module: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    targets: list[torch.Tensor],
+    outputs: list[torch.Tensor] | None = None,
+) -> float:
+    """`sum ||module(x) - target||^2 / sum ||target||^2` over captured `(args, kwargs)` calls and their targets;
+    `module`'s outputs are appended to `outputs` when a list is given."""
     num = den = 0.0
     with torch.no_grad():
         for (args, kwargs), target in zip(inputs, targets):
-            num += float(((call_output(module, args, kwargs).float() - target.float()) ** 2).sum())
+            out = call_output(module, args, kwargs)
+            if outputs is not None:
+                outputs.append(out)
+            num += float(((out.float() - target.float()) ** 2).sum())
             den += float((target.float() ** 2).sum())
     return num / max(den, 1e-30)
 
@@ -57,6 +195,9 @@ def refine_module(
     lr: float = 3e-4,
     seed: int = 0,
     targets: list[torch.Tensor] | None = None,
+    positions: int | None = None,
+    subset: PositionSubset | None = None,
+    outputs: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Fit `converted` to `original` on `inputs` (captured `(args, kwargs)` of the attention calls).
 
@@ -86,11 +227,14 @@ def refine_module(
     for p in params:
         p.requires_grad_(True)
 
-    before = relative_error(converted, inputs, targets)
+    start: list[torch.Tensor] = []
+    before = relative_error(converted, inputs, targets, start)
     if before < 1e-10:  # exact to float precision (e.g. groups == heads): Adam steps would only add noise
         for p, grad in zip(params, grads):
             p.requires_grad_(grad)
         converted.train(was_training)
+        if outputs is not None:
+            outputs.extend(start)
         return {"before": before, "after": before, "reverted": False}
     initial = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
@@ -103,13 +247,21 @@ def refine_module(
         batch = targets[i].shape[0]
         row = int(torch.randint(batch, (1,), generator=g))
         args, kwargs, target = _rows(args, row, batch), _rows(kwargs, row, batch), targets[i][row : row + 1]
-        out = call_output(converted, args, kwargs).float()
+        length = target.shape[-2]
+        if positions is not None and positions < length:
+            picked = torch.randperm(length, generator=g)[:positions].sort().values
+            with subset.only(picked) if subset is not None else nullcontext():
+                out = call_output(converted, args, kwargs).float().index_select(-2, picked)
+            target = target.index_select(-2, picked)
+        else:
+            out = call_output(converted, args, kwargs).float()
         loss = ((out - target) ** 2).sum() / (target**2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    after = relative_error(converted, inputs, targets)
+    end: list[torch.Tensor] = []
+    after = relative_error(converted, inputs, targets, end)
     reverted = after >= before  # never leave a block worse on the calibration data than its closed form
     if reverted:
         with torch.no_grad():
@@ -120,4 +272,6 @@ def refine_module(
         p.requires_grad_(grad)
         p.grad = None
     converted.train(was_training)
+    if outputs is not None:
+        outputs.extend(start if reverted else end)
     return {"before": before, "after": after, "reverted": reverted}

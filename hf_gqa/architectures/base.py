@@ -31,6 +31,10 @@ class AttentionAdapter:
         lora_targets: names, inside one attention module, of its q/k/v/output projections: what
             `hf_gqa.uptrain(method="lora")` adapts by default (resolved inside attention modules only, so that an
             MLP projection of the same name is left alone).
+        key_value_inputs: names, inside one attention module, of the projections that compute keys or values
+            (fused ones included): the only parts of a decoder layer that read every token position for the
+            output at one position, so that a refine step scored on a few positions computes the rest of the
+            layer on those positions only (`hf_gqa.refine.PositionSubset`).
     """
 
     family: ClassVar[str] = ""
@@ -38,6 +42,7 @@ class AttentionAdapter:
     native_gqa: ClassVar[bool] = False
     attention_classes: ClassVar[tuple[type[nn.Module], ...]] = ()
     lora_targets: ClassVar[tuple[str, ...]] = ()
+    key_value_inputs: ClassVar[tuple[str, ...]] = ("k_proj", "v_proj")
     # The config attribute holding the KV head count, for families whose transformers class reads one
     # (`num_key_value_heads`, Falcon's `num_kv_heads`); None where the config cannot express it.
     kv_heads_config_key: ClassVar[str | None] = None

@@ -166,6 +166,7 @@ class BloomAdapter(AttentionAdapter):
 
     family = "bloom"
     lora_targets = ("query_key_value", "dense")
+    key_value_inputs = ("query_key_value",)
     model_types = ("bloom",)
     native_gqa = False
     attention_classes = (BloomAttention,)  # BloomGQAAttention is a subclass

@@ -190,6 +190,7 @@ class FalconAdapter(AttentionAdapter):
 
     family = "falcon"
     lora_targets = ("query_key_value", "dense")
+    key_value_inputs = ("query_key_value",)
     model_types = ("falcon",)
     native_gqa = True
     kv_heads_config_key = "num_kv_heads"

@@ -136,6 +136,7 @@ class GPT2Adapter(AttentionAdapter):
 
     family = "gpt2"
     lora_targets = ("c_attn", "c_proj")
+    key_value_inputs = ("c_attn",)
     model_types = ("gpt2",)
     native_gqa = False
     attention_classes: ClassVar[tuple[type[nn.Module], ...]] = (GPT2Attention,)

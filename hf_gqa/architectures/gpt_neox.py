@@ -116,6 +116,7 @@ class GPTNeoXAdapter(AttentionAdapter):
 
     family = "gpt_neox"
     lora_targets = ("query_key_value", "dense")
+    key_value_inputs = ("query_key_value",)
     model_types = ("gpt_neox",)
     native_gqa = False
     attention_classes: ClassVar[tuple[type[nn.Module], ...]] = (GPTNeoXAttention,)

@@ -30,6 +30,7 @@ class Phi3Adapter(AttentionAdapter):
 
     family = "phi3"
     lora_targets = ("qkv_proj", "o_proj")
+    key_value_inputs = ("qkv_proj",)
     model_types = ("phi3",)
     native_gqa = True
     kv_heads_config_key = "num_key_value_heads"

@@ -172,6 +172,13 @@ def add_conversion_arguments(parser: argparse.ArgumentParser, merge_default: str
     )
     group.add_argument("--refine-steps", type=int, default=None, help="refine steps per layer (default 100)")
     group.add_argument(
+        "--refine-positions",
+        type=int,
+        default=None,
+        help="score each refine step on this many token positions of its block, computing only those "
+        "(default: all; 256 of 512 converts about a third faster, slightly worse)",
+    )
+    group.add_argument(
         "--refine-scope",
         choices=["attention", "layer"],
         default=None,
@@ -222,7 +229,7 @@ def conversion_kwargs(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
             calibration_tokens=args.calibration_tokens,
             seed=args.conversion_seed,
         )
-    for name in ("refine_steps", "refine_scope", "kv_budget"):
+    for name in ("refine_steps", "refine_scope", "refine_positions", "kv_budget"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     return kwargs

@@ -1,0 +1,121 @@
+"""Refine steps scored on a few token positions: the decoder layer computes only those positions (keys and values
+excepted), and must give exactly the full layer's outputs and gradients there, on every family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hf_gqa
+from hf_gqa.methods import Refine
+from hf_gqa.patch import _adapter_for
+from hf_gqa.pipeline import capture_all_layer_calls
+from hf_gqa.refine import ROWS_ATTENTION, PositionSubset, call_output
+
+from .cases import all_cases
+from .test_strategies import blocks_folding
+
+CASES = all_cases()
+IDS = [c.name for c in CASES]
+
+
+def _first_layer_call(model):
+    """The first decoder layer, its attention module, the family adapter and one captured call (one sequence)."""
+    adapter = _adapter_for(model)
+    name, attention = adapter.attention_modules(model)[0]
+    layer = model.get_submodule(name.rpartition(".")[0])
+    blocks = torch.randint(3, 200, (1, 48), generator=torch.Generator().manual_seed(1))
+    hidden, calls = capture_all_layer_calls(model, [layer], blocks, batch_size=1)
+    args, kwargs = calls[0][0]
+    if args:
+        return adapter, layer, attention, (hidden[0], *args[1:]), kwargs
+    return adapter, layer, attention, args, {**kwargs, "hidden_states": hidden[0]}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_subset_layer_is_exact_at_the_scored_positions(case):
+    model = case.make()
+    adapter, layer, attention, args, kwargs = _first_layer_call(model)
+    rows = torch.tensor([0, 5, 6, 17, 30, 47])
+    subset = PositionSubset.of(layer, attention, adapter.key_value_inputs)
+    implementation = getattr(getattr(attention, "config", None), "_attn_implementation", None)
+    assert subset.modules, "the MLP's linear maps at least"
+
+    def scored(use_subset: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        layer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            for p in layer.parameters():
+                p.requires_grad_(True)
+            if use_subset:
+                with subset.only(rows):
+                    out = call_output(layer, args, kwargs)
+            else:
+                out = call_output(layer, args, kwargs)
+            picked = out.index_select(-2, rows)
+            (picked**2).mean().backward()
+        return picked.detach(), [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+
+    full, full_grads = scored(False)
+    part, part_grads = scored(True)
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+    assert len(part_grads) == len(full_grads)
+    for a, b in zip(part_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if implementation is not None:  # the attention implementation is put back
+        assert attention.config._attn_implementation == implementation != ROWS_ATTENTION
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in subset.modules)
+
+
+def test_subset_attends_from_the_scored_queries_only_on_sdpa():
+    """On SDPA a Llama layer's attention runs through the rows function (queries at the scored positions only)."""
+    case = next(c for c in CASES if c.name.startswith("llama"))
+    model = case.make()
+    adapter, layer, attention, args, kwargs = _first_layer_call(model)
+    assert attention.config._attn_implementation == "sdpa"
+    subset = PositionSubset.of(layer, attention, adapter.key_value_inputs)
+    assert subset.attention is attention
+    names = {n for n, m in layer.named_modules() if any(m is s for s in subset.modules)}
+    assert not any(n.endswith(("k_proj", "v_proj")) for n in names)
+    assert any(n.endswith("q_proj") for n in names) and any(n.endswith("o_proj") for n in names)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_refine_on_positions_is_exact_at_equal_heads_and_fits(case):
+    original = case.make()
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
+    calibration = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(5))
+    kw = dict(calibration=calibration, calibration_tokens=256, block_size=64, show_progress=False)
+    merge = "mean" if blocks_folding(original) else "score"
+    method = Refine(steps=20, positions=32, init=merge)
+    with torch.no_grad():
+        expected = original(input_ids=ids).logits
+    same = hf_gqa.patch(copy.deepcopy(original), groups=case.kv_heads, method=method, **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(same(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+    if min(case.groups) == case.kv_heads:
+        return
+    model = hf_gqa.patch(copy.deepcopy(original), groups=min(case.groups), method=method, **kw)
+    log = model._hf_gqa_conversion_log
+    assert all(e["after"] <= e["before"] for e in log) and any(e["after"] < e["before"] for e in log), log
+
+
+def test_refined_layers_share_the_model_config():
+    """A refined decoder layer is a copy; its modules keep the model's config object, so the attention
+    implementation `patch` sets afterwards (`hf_gqa_sdpa`) reaches them too."""
+    case = next(c for c in CASES if c.name == "llama-mha")
+    model = case.make()
+    calibration = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(5))
+    hf_gqa.patch(
+        model,
+        groups=2,
+        calibration=calibration,
+        calibration_tokens=128,
+        block_size=64,
+        refine_steps=2,
+        show_progress=False,
+    )
+    for layer in model.model.layers:
+        assert layer.self_attn.config is model.config
+        assert layer.self_attn.config._attn_implementation == "hf_gqa_sdpa"
