@@ -13,7 +13,7 @@ from .grouping import register_grouping
 from .io import from_pretrained, needs_hf_gqa_to_load
 from .methods import ConversionMethod, Refine, get_method, register_merge, register_method
 from .patch import is_patched, patch
-from .streaming import convert_checkpoint
+from .streaming import convert_checkpoint, plan_checkpoint
 
 __version__ = "0.1.0"
 
@@ -56,6 +56,7 @@ __all__ = [
     "kv_bytes_per_token",
     "needs_hf_gqa_to_load",
     "patch",
+    "plan_checkpoint",
     "register_adapter",
     "register_grouping",
     "register_merge",

@@ -11,8 +11,9 @@ tensors of an attention module are loaded into its meta module (accelerate's `se
 converted by the same adapter and method as `patch`, written, and dropped. Peak memory is about one output shard
 (`max_shard_size`) plus one attention module, whatever the model's size.
 
-Data-free methods only (`mean`, `first`, registered closed forms that need no calibration); the calibrated
-methods need activations and run on a loaded model (`hf_gqa.patch`).
+Data-free methods (`mean`, `first`, registered closed forms that need no calibration) stream shard by shard.
+With `calibration=` the calibrated methods (by default `refine`, as `patch` chooses) bring one decoder layer at a
+time onto `device` instead (`hf_gqa.onload`): same entry point, same output layout.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
@@ -39,10 +41,13 @@ from .checks import check_weights
 from .errors import GQAError
 from .grouping import CALIBRATED_GROUPINGS, get_grouping
 from .io import empty_model, rebuild_layout, to_model_keys
-from .methods import ConversionMethod, get_method
+from .methods import ConversionMethod
 from .patch import converted_config
 from .planning import LayerPlan, convert_weights, plan_layers
 from .remote import add_remote_code
+
+if TYPE_CHECKING:
+    from .onload import OnloadEstimate
 
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 #: Files of a model folder that are weights (not copied as they are).
@@ -61,9 +66,23 @@ class StreamReport:
     seconds: float
     kv_heads_before: list[int]
     kv_heads_after: list[int]
+    method: str = ""
+    device: str = "cpu"
+    calibration_tokens: int = 0  # 0: data-free
+    seconds_per_layer: list[float] = field(default_factory=list)  # calibrated: each decoder layer's seconds
+    logs: list[dict] = field(default_factory=list)  # calibrated: per layer, tokens and the refine fit
 
     def __str__(self) -> str:
         before, after = sorted(set(self.kv_heads_before)), sorted(set(self.kv_heads_after))
+        if self.calibration_tokens:
+            per_layer = sum(self.seconds_per_layer) / max(len(self.seconds_per_layer), 1)
+            return (
+                f"converted {self.layers} decoder layers one at a time on {self.device} ({self.method}, "
+                f"{self.calibration_tokens:,} calibration tokens), KV heads {before} -> {after} per layer; "
+                f"{per_layer:.1f} s per layer; read {self.bytes_read / 2**20:,.1f} MiB, wrote "
+                f"{self.bytes_written / 2**20:,.1f} MiB in {self.shards} shard(s) to {self.out} in "
+                f"{self.seconds:.1f} s"
+            )
         return (
             f"streamed {self.layers} attention layers, KV heads {before} -> {after} per layer; read "
             f"{self.bytes_read / 2**20:,.1f} MiB, wrote {self.bytes_written / 2**20:,.1f} MiB in {self.shards} "
@@ -88,6 +107,10 @@ class CheckpointPlan:
     output_bytes: int
     largest_shard_bytes: int
     largest_module_bytes: int
+    source_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # source tensor name -> dtype
+    method_spec: object = None  # what the caller asked for (a name, a method object, None: the default)
+    grouping: str = "consecutive"
+    calibrated: OnloadEstimate | None = None  # a calibrated (onloaded) conversion's estimate, or None
 
     @property
     def peak_bytes_estimate(self) -> int:
@@ -99,10 +122,15 @@ class CheckpointPlan:
         mib = 2**20
         before = sorted({p.kv_heads_before for p in self.layers})
         after = sorted({p.kv_heads_after for p in self.layers})
-        return (
+        head = (
             f"{len(self.layers)} {self.adapter.family} attention layers, KV heads {before} -> {after} "
             f"({self.method.label}); checkpoint {self.source_bytes / mib:,.1f} MiB -> {self.output_bytes / mib:,.1f} "
-            f"MiB in {len(self.layout.filename_to_tensors)} shard(s); weights in memory at most about "
+            f"MiB in {len(self.layout.filename_to_tensors)} shard(s)"
+        )
+        if self.calibrated is not None:
+            return f"{head}; {self.calibrated}"
+        return (
+            f"{head}; weights in memory at most about "
             f"{self.peak_bytes_estimate / mib:,.1f} MiB (largest shard {self.largest_shard_bytes / mib:,.1f} MiB, "
             f"attention module {self.largest_module_bytes / mib:,.1f} MiB), plus the Python, torch and "
             "transformers imports"
@@ -112,24 +140,50 @@ class CheckpointPlan:
 def plan_checkpoint(
     src: str | Path,
     groups: int | Sequence[int],
-    method: str | ConversionMethod = "mean",
+    method: str | ConversionMethod | None = None,
     grouping: str = "consecutive",
     *,
     max_shard_size: int | str = "1GB",
+    calibrated: bool = False,
+    calibration_tokens: int = 8192,
+    block_size: int = 512,
+    batch_size: int = 4,
+    sequential: bool = True,
+    refine_steps: int | None = None,
+    refine_lr: float | None = None,
+    refine_target: str | None = None,
+    refine_scope: str | None = None,
+    refine_positions: int | None = None,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = torch.float32,
 ) -> CheckpointPlan:
-    """Plan a streamed conversion of the checkpoint in `src`: validate everything and size the output and the peak
-    memory, reading only the config and the safetensors headers."""
+    """Plan a conversion of the checkpoint in `src`: validate everything and size the output and the peak memory,
+    reading only the config and the safetensors headers.
+
+    `method=None` is what `patch` would choose: mean pooling, or with `calibrated=True` (calibration data will be
+    given) `refine`. A calibrated plan also sizes the onloaded run (`plan.calibrated`, `hf_gqa.onload.
+    OnloadEstimate`: layers, calibration tokens, peak device and host memory) from the other keywords, which
+    are `convert_checkpoint`'s.
+    """
+    from .onload import estimate_onload, planned_tokens
+    from .patch import resolve_method
+
     src = Path(src)
-    method = get_method(method)
-    if method.needs_calibration or grouping in CALIBRATED_GROUPINGS:
-        raise GQAError(
-            f"method {method.label!r} / grouping={grouping!r} need calibration activations, which a streamed "
-            "conversion does not compute: load the model and use hf_gqa.patch(..., calibration=...)."
-        )
     get_grouping(grouping)
     weight_map = _source_weight_map(src)
     model = empty_model(AutoConfig.from_pretrained(src))
     adapter = get_adapter(model)
+    refine = dict(
+        steps=refine_steps, lr=refine_lr, target=refine_target, scope=refine_scope, positions=refine_positions
+    )
+    method_spec = method
+    method = resolve_method(method, refine, calibrated, adapter, model)
+    if not calibrated and (method.needs_calibration or grouping in CALIBRATED_GROUPINGS):
+        raise GQAError(
+            f"method {method.label!r} / grouping={grouping!r} need calibration data: pass calibration=texts, "
+            "tokenizer=tokenizer (each decoder layer is then brought to the device in turn), or use a data-free "
+            "method (mean, first)."
+        )
     plans = plan_layers(model, adapter, groups, check=False)
     to_source = {model_key: source_key for source_key, model_key in _model_keys(model, weight_map).items()}
     dtypes = _source_dtypes(src, weight_map)
@@ -154,7 +208,7 @@ def plan_checkpoint(
     for key, owner in owners.items():
         if owner is not None:
             by_module[owner.name] = by_module.get(owner.name, 0) + source_nbytes[key]
-    return CheckpointPlan(
+    plan = CheckpointPlan(
         src,
         model,
         adapter,
@@ -168,7 +222,16 @@ def plan_checkpoint(
         sum(nbytes.values()),
         max(sum(nbytes[k] for k in keys) for keys in layout.filename_to_tensors.values()),
         max(by_module.values(), default=0),
+        dtypes,
+        method_spec,
+        grouping,
     )
+    if calibrated:
+        tokens = planned_tokens(calibration_tokens, block_size)
+        plan.calibrated = estimate_onload(
+            plan, method, tokens, block_size, batch_size, sequential, str(device), compute_dtype
+        )
+    return plan
 
 
 def _source_dtypes(src: Path, weight_map: dict[str, str]) -> dict[str, torch.dtype]:
@@ -191,31 +254,99 @@ def convert_checkpoint(
     src: str | Path,
     dst: str | Path,
     groups: int | Sequence[int],
-    method: str | ConversionMethod = "mean",
+    method: str | ConversionMethod | None = None,
     grouping: str = "consecutive",
     *,
     max_shard_size: int | str = "1GB",
     show_progress: bool = True,
+    calibration: object | None = None,
+    tokenizer=None,
+    calibration_tokens: int = 8192,
+    block_size: int = 512,
+    batch_size: int = 4,
+    sequential: bool = True,
+    seed: int = 0,
+    refine_steps: int | None = None,
+    refine_lr: float | None = None,
+    refine_target: str | None = None,
+    refine_scope: str | None = None,
+    refine_positions: int | None = None,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = torch.float32,
+    activations_on_disk_above: int | None = None,
 ) -> StreamReport:
-    """Convert the safetensors checkpoint in folder `src` to `groups` KV heads and write it to `dst`.
+    """Convert the safetensors checkpoint in folder `src` to `groups` KV heads and write it to `dst`, never
+    holding more than one decoder layer's weights.
 
-    The result equals `hf_gqa.patch(model, groups, method)` of the loaded model, tensor for tensor, and loads as
-    that model does: with plain transformers for natively-GQA families converted uniformly, with
-    `hf_gqa.from_pretrained` otherwise. Every tensor keeps its dtype (a bf16 checkpoint stays bf16).
+    Without `calibration`: a data-free method (default mean pooling) streamed shard by shard. The result equals
+    `hf_gqa.patch(model, groups, method)` of the loaded model tensor for tensor; every tensor keeps its dtype.
+
+    With `calibration` (and `tokenizer` for text): the calibrated method `patch` would run (default `refine`),
+    onloaded one decoder layer at a time on `device` (`hf_gqa.onload`); calibration activations stay on the CPU
+    between layers. The result equals `patch(model loaded in compute_dtype, groups, calibration=..., same
+    settings)` within float tolerance; every written tensor keeps the checkpoint's dtype (a bf16 checkpoint is
+    computed in float32 and cast back; `compute_dtype=None` computes in the checkpoint's dtype).
+
+    Either way the result loads as `patch`'s would: with plain transformers for natively-GQA families converted
+    uniformly, with `hf_gqa.from_pretrained` (or `trust_remote_code=True`) otherwise.
 
     Args:
         src: a folder with `config.json` and `model.safetensors` or a sharded `model.safetensors.index.json`.
         dst: the output folder (created); tokenizer and other non-weight files of `src` are copied.
-        groups, method, grouping: as for `hf_gqa.patch` (data-free methods only).
-        max_shard_size: the largest output shard; peak memory is about this plus one attention module.
+        groups, method, grouping: as for `hf_gqa.patch` (`groups="auto"` is not supported here).
+        max_shard_size: the largest output shard.
+        calibration, tokenizer, calibration_tokens, block_size, batch_size, sequential, seed, refine_*: as for
+            `hf_gqa.patch`.
+        device: where each decoder layer computes (`"cpu"`, `"cuda"`, `"cuda:1"`).
+        compute_dtype: the dtype layers compute in (float32; None: the checkpoint's).
+        activations_on_disk_above: bytes of one copy of the calibration hidden states above which they are kept
+            in a memory-mapped temporary file between layers (default 8 GiB).
 
     Raises:
-        GQAError: a calibrated method, a folder without safetensors weights, or bad `groups` (before anything is
-            written).
+        GQAError: a calibrated method without calibration data, text without a tokenizer, a folder without
+            safetensors weights, or bad `groups` (before anything is written).
     """
+    if calibration is not None:
+        return _convert_calibrated(
+            src,
+            dst,
+            groups,
+            method,
+            grouping,
+            max_shard_size=max_shard_size,
+            show_progress=show_progress,
+            calibration=calibration,
+            tokenizer=tokenizer,
+            calibration_tokens=calibration_tokens,
+            block_size=block_size,
+            batch_size=batch_size,
+            sequential=sequential,
+            seed=seed,
+            refine=dict(
+                steps=refine_steps,
+                lr=refine_lr,
+                target=refine_target,
+                scope=refine_scope,
+                positions=refine_positions,
+            ),
+            device=device,
+            compute_dtype=compute_dtype,
+            activations_on_disk_above=activations_on_disk_above,
+        )
     start = time.perf_counter()
     dst = Path(dst)
-    plan = plan_checkpoint(src, groups, method, grouping, max_shard_size=max_shard_size)
+    plan = plan_checkpoint(
+        src,
+        groups,
+        method,
+        grouping,
+        max_shard_size=max_shard_size,
+        refine_steps=refine_steps,
+        refine_lr=refine_lr,
+        refine_target=refine_target,
+        refine_scope=refine_scope,
+        refine_positions=refine_positions,
+    )
     src, model, adapter, plans, weight_map = plan.src, plan.model, plan.adapter, plan.layers, plan.weight_map
     method, grouping_fn = plan.method, get_grouping(grouping)
     layout, owner = plan.layout, plan.owners
@@ -261,9 +392,137 @@ def convert_checkpoint(
     )
 
 
+def _convert_calibrated(
+    src: str | Path,
+    dst: str | Path,
+    groups: int | Sequence[int],
+    method: str | ConversionMethod | None,
+    grouping: str,
+    *,
+    max_shard_size: int | str,
+    show_progress: bool,
+    calibration: object,
+    tokenizer,
+    calibration_tokens: int,
+    block_size: int,
+    batch_size: int,
+    sequential: bool,
+    seed: int,
+    refine: dict[str, object],
+    device: str | torch.device,
+    compute_dtype: torch.dtype | None,
+    activations_on_disk_above: int | None,
+) -> StreamReport:
+    """`convert_checkpoint` with calibration data: plan, resolve and tokenize (every check before `dst` is
+    created), state the estimate, then the layer loop of `hf_gqa.onload.run_onloaded`."""
+    from .methods import Refine
+    from .onload import ACTIVATIONS_ON_DISK_ABOVE, ShardWriter, announce, resolve_conversion, run_onloaded
+    from .pipeline import SequentialSettings
+
+    start = time.perf_counter()
+    dst = Path(dst)
+    if isinstance(groups, str):
+        raise GQAError(
+            f"groups={groups!r}: a checkpoint converted layer by layer takes an int or a per-layer list; "
+            "groups='auto' measures every layer first: load the model and use hf_gqa.patch."
+        )
+    plan = plan_checkpoint(
+        src,
+        groups,
+        method,
+        grouping,
+        max_shard_size=max_shard_size,
+        calibrated=True,
+        calibration_tokens=calibration_tokens,
+        block_size=block_size,
+        batch_size=batch_size,
+        sequential=sequential,
+        refine_steps=refine.get("steps"),
+        refine_lr=refine.get("lr"),
+        refine_target=refine.get("target"),
+        refine_scope=refine.get("scope"),
+        refine_positions=refine.get("positions"),
+        device=device,
+        compute_dtype=compute_dtype,
+    )
+    conversion = resolve_conversion(
+        plan,
+        calibration,
+        tokenizer,
+        calibration_tokens,
+        block_size,
+        batch_size,
+        sequential,
+        seed,
+        refine,
+        show_progress,
+    )
+    tokens = int(conversion.blocks.numel())
+    plan.calibrated.tokens = tokens
+    plan.calibrated.activation_bytes = (
+        tokens * plan.calibrated.hidden_size * plan.calibrated.compute_dtype.itemsize
+    )
+    announce(str(plan), show_progress)
+    method_obj = conversion.method
+    settings = SequentialSettings(
+        sequential,
+        method_obj if isinstance(method_obj, Refine) else None,
+        conversion.adapter.key_value_inputs,
+    )
+    dst.mkdir(parents=True, exist_ok=True)
+    reader = SourceReader(plan.src, plan.weight_map, plan.to_source)
+    converted = {key for key, owner in plan.owners.items() if owner is not None}
+    converted |= {key for keys in _layer_keys(plan) for key in keys}
+    writer = ShardWriter(plan.layout, reader, dst, converted)
+    writer.flush()  # shards holding no decoder layer tensor (e.g. the embeddings) go first
+    result = run_onloaded(
+        plan,
+        conversion,
+        settings,
+        writer,
+        device,
+        compute_dtype,
+        plan.calibrated,
+        ACTIVATIONS_ON_DISK_ABOVE if activations_on_disk_above is None else activations_on_disk_above,
+        show_progress,
+    )
+    if plan.layout.is_sharded:
+        index = {
+            "metadata": {"total_size": result.bytes_written},
+            "weight_map": plan.layout.tensor_to_filename,
+        }
+        (dst / SAFE_WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _write_config(AutoConfig.from_pretrained(plan.src), plan.adapter, plan.layers, method_obj, grouping, dst)
+    _copy_other_files(plan.src, dst)
+    add_remote_code(dst)
+    return StreamReport(
+        dst,
+        len(plan.layers),
+        len(plan.layout.filename_to_tensors),
+        reader.bytes_read,
+        result.bytes_written,
+        time.perf_counter() - start,
+        [p.kv_heads_before for p in plan.layers],
+        [p.kv_heads_after for p in plan.layers],
+        method=method_obj.label,
+        device=str(device),
+        calibration_tokens=result.tokens,
+        seconds_per_layer=result.seconds_per_layer,
+        logs=result.logs,
+    )
+
+
+def _layer_keys(plan: CheckpointPlan) -> list[list[str]]:
+    from .onload import decoder_layer_names, layer_keys
+
+    return layer_keys(plan.to_source, decoder_layer_names(plan.layers))
+
+
 # -- the source checkpoint ---------------------------------------------------------------------------------------
 def _source_weight_map(src: Path) -> dict[str, str]:
     """`{tensor name: file name}` of the safetensors checkpoint in `src`."""
+    if not src.is_dir():
+        raise GQAError(f"{src} is not a folder: give the folder of a checkpoint saved with save_pretrained.")
     index = src / SAFE_WEIGHTS_INDEX
     if index.exists():
         return dict(json.loads(index.read_text())["weight_map"])

@@ -335,7 +335,9 @@ def test_convert_streams_a_safetensors_folder_by_default(model_dir, tmp_path, ca
             "--model",
             str(model_dir),
             "--groups",
-            "2",
+            "auto",
+            "--kv-budget",
+            "0.5",
             "--out",
             str(loaded),
             "--stream",
@@ -344,7 +346,7 @@ def test_convert_streams_a_safetensors_folder_by_default(model_dir, tmp_path, ca
         ],
         capsys,
     )
-    assert "--stream converts a local safetensors folder with a data-free method" in err
+    assert "--stream converts a local safetensors folder" in err and "not --groups auto" in err
 
 
 def test_lm_eval_command_line_knows_the_model_and_the_offline_tasks(model_dir, tmp_path):

@@ -11,8 +11,10 @@ from .options import (
     add_model_arguments,
     check_conversion_arguments,
     conversion_kwargs,
+    device_of,
     groups_one,
     load_model_from_args,
+    read_sources,
     subcommand,
 )
 
@@ -39,8 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--stream",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="convert the checkpoint shard by shard without building the model (peak memory about one shard): "
-        "the default for data-free methods on a local safetensors folder; --no-stream loads the model",
+        help="convert a local safetensors folder without loading the model: shard by shard for a data-free "
+        "method (peak memory about one shard), one decoder layer at a time on --device with --calibration; the "
+        "default for a local safetensors folder; --no-stream loads the model",
     )
     p.add_argument(
         "--max-shard-size", default="1GB", help="largest output shard of a streamed conversion (1GB)"
@@ -48,7 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="with a streamed conversion: print the plan (layers, sizes, peak memory) and write nothing",
+        help="with a local safetensors folder: print the plan (layers, sizes, calibration tokens, estimated peak "
+        "device and host memory) and write nothing",
     )
     p.add_argument("--seed", dest="conversion_seed", type=int, help=argparse.SUPPRESS)  # older spelling
     p.set_defaults(func=run)
@@ -63,26 +67,11 @@ def run(args: argparse.Namespace) -> int:
         args.conversion_seed = 0
     check_conversion_arguments(args, [args.groups])
     if _streams(args):
-        from ..streaming import convert_checkpoint, plan_checkpoint
-
-        method = args.merge or "mean"
-        if args.dry_run:
-            print(
-                plan_checkpoint(
-                    args.model, args.groups, method, args.grouping, max_shard_size=args.max_shard_size
-                )
-            )
-            return 0
-        print(
-            convert_checkpoint(
-                args.model, args.out, args.groups, method, args.grouping, max_shard_size=args.max_shard_size
-            )
-        )
-        print(f"saved to {args.out} (load with {_how_to_load(Path(args.out))})")
-        return 0
+        return _run_on_checkpoint(args)
     if args.dry_run:
         raise CLIError(
-            "--dry-run plans a streamed conversion (a data-free method on a local safetensors folder)"
+            "--dry-run plans a conversion of a local safetensors folder (streamed data-free, or calibrated one "
+            "decoder layer at a time)"
         )
     model, tokenizer = load_model_from_args(args)
     patch(model, groups=args.groups, **conversion_kwargs(args, tokenizer))
@@ -95,9 +84,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_on_checkpoint(args: argparse.Namespace) -> int:
+    """Convert the local safetensors folder without loading the model: shard by shard (data-free) or, with
+    --calibration, one decoder layer at a time on --device (`hf_gqa.convert_checkpoint`)."""
+    from ..streaming import convert_checkpoint, plan_checkpoint
+
+    options: dict = {"max_shard_size": args.max_shard_size}
+    calibrated = args.calibration is not None
+    for name in ("refine_steps", "refine_scope", "refine_positions"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if calibrated:
+        options.update(calibration_tokens=args.calibration_tokens, device=device_of(args))
+    if args.dry_run:
+        print(
+            plan_checkpoint(
+                args.model, args.groups, args.merge, args.grouping, calibrated=calibrated, **options
+            )
+        )
+        return 0
+    if calibrated:
+        from ..loading import load_tokenizer
+
+        options.update(
+            calibration=read_sources(args.calibration, "calibration"),
+            tokenizer=load_tokenizer(args.model),
+            seed=args.conversion_seed,
+        )
+    print(convert_checkpoint(args.model, args.out, args.groups, args.merge, args.grouping, **options))
+    print(f"saved to {args.out} (load with {_how_to_load(Path(args.out))})")
+    return 0
+
+
 def _streams(args: argparse.Namespace) -> bool:
-    """Whether to convert shard by shard: asked for, or by default for a data-free method on a local safetensors
-    folder (the result is the same tensors either way)."""
+    """Whether to convert the checkpoint on disk without loading the model: asked for, or by default for a local
+    safetensors folder (shard by shard for a data-free method, one decoder layer at a time with --calibration;
+    the result is the same tensors as loading and patching, within float tolerance for a calibrated one)."""
     from ..methods import get_method
 
     folder = Path(args.model) if args.model else None
@@ -107,10 +129,14 @@ def _streams(args: argparse.Namespace) -> bool:
         and ((folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists())
     )
     data_free = args.calibration is None and not get_method(args.merge or "mean").needs_calibration
-    if args.stream and not (local and data_free):
-        raise CLIError("--stream converts a local safetensors folder with a data-free method (mean, first)")
+    convertible = local and (data_free or args.calibration is not None) and args.groups != "auto"
+    if args.stream and not convertible:
+        raise CLIError(
+            "--stream converts a local safetensors folder: with a data-free method (mean, first), or with "
+            "--calibration one decoder layer at a time (not --groups auto)"
+        )
     if args.stream is None:
-        return local and data_free and args.groups != "auto" and args.dtype in (None, "auto")
+        return convertible and args.dtype in (None, "auto")
     return args.stream
 
 
@@ -119,6 +145,12 @@ def _how_to_load(out: Path) -> str:
 
     from ..io import needs_hf_gqa_to_load
 
-    if needs_hf_gqa_to_load(AutoConfig.from_pretrained(out)):
+    config = AutoConfig.from_pretrained(out)
+    if needs_hf_gqa_to_load(config):
+        if getattr(config, "auto_map", None):  # modeling code saved with it (multi-head-only families)
+            return (
+                "hf_gqa.from_pretrained(path), or AutoModelForCausalLM.from_pretrained(path, "
+                "trust_remote_code=True) without hf_gqa"
+            )
         return "hf_gqa.from_pretrained(path)"
     return "AutoModelForCausalLM.from_pretrained(path) or hf_gqa.from_pretrained(path)"
