@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .checks import check_options, check_weights
 from .errors import GQAError
 from .methods import ConversionMethod, Refine
-from .pipeline import SequentialSettings, _Stop, kept_call, sequential_step
+from .pipeline import SequentialSettings, _Stop, kept_call, run_until_stop, sequential_step
 
 logger = logging.getLogger("hf_gqa")
 
@@ -298,12 +298,7 @@ def capture_calls_without_weights(
     for i, layer in enumerate(layers):
         layer.forward = recorder(i)
     try:
-        with torch.no_grad():
-            for start in range(0, blocks.shape[0], batch_size):
-                try:
-                    model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
+        run_until_stop(model, blocks, batch_size, device)
     finally:
         for layer in layers:
             del layer.forward

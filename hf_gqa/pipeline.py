@@ -168,18 +168,25 @@ def capture_all_layer_calls(
 
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(make_hook(i), with_kwargs=True))
-    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            for start in range(0, blocks.shape[0], batch_size):
-                try:
-                    model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
+        run_until_stop(model, blocks, batch_size, next(model.parameters()).device)
     finally:
         for h in handles:
             h.remove()
     return hidden, calls
+
+
+def run_until_stop(
+    model: nn.Module, blocks: torch.Tensor, batch_size: int, device: str | torch.device
+) -> None:
+    """One forward pass of `model` per batch of `blocks` (`[n, block_size]` token ids), each ended by the first
+    `_Stop` a hook raises (the capture has what it needs by then)."""
+    with torch.no_grad():
+        for start in range(0, blocks.shape[0], batch_size):
+            try:
+                model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
 
 
 @dataclass(frozen=True)
