@@ -12,7 +12,8 @@ articles, both never used for calibration:
 
 A setting is `key=value` pairs joined by commas: `steps` (refine steps per layer), `tokens` (calibration
 tokens), `block` (tokens per calibration block), `lr` (refine rate), `pos` (token positions each refine step is
-scored on, `Refine(positions=...)`; all of them when absent). Results:
+scored on, `Refine(positions=...)`; all of them when absent), `train` (`layer` or `attention`: which parameters
+a layer-scope refine trains, `Refine(train=...)`). Results:
 `benchmarks/results/conversion_speed.{md,json}` (rows of a run replace those of earlier runs with the same
 setting).
 """
@@ -35,13 +36,17 @@ NEW = "steps=100,tokens=2048,block=128"
 DEFAULT_SETTINGS = (OLD, NEW)
 
 
-def parse_setting(text: str) -> dict[str, float | int]:
-    """`"steps=20,tokens=4096"` -> `{"steps": 20, "tokens": 4096}` (ints where they parse, else floats)."""
-    out: dict[str, float | int] = {}
+def parse_setting(text: str) -> dict[str, float | int | str]:
+    """`"steps=20,tokens=4096"` -> `{"steps": 20, "tokens": 4096}` (ints where they parse, else floats; `train`
+    stays a string)."""
+    out: dict[str, float | int | str] = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
-        if key not in {"steps", "tokens", "block", "lr", "pos"}:
+        if key not in {"steps", "tokens", "block", "lr", "pos", "train"}:
             raise SystemExit(f"unknown setting {key!r} in {text!r}")
+        if key == "train":
+            out[key] = value
+            continue
         out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
     return out
 
@@ -55,6 +60,7 @@ def convert(model, tokenizer, setting: dict) -> tuple[float, float]:
         steps=int(setting.get("steps", 100)),
         lr=float(setting.get("lr", 3e-4)),
         positions=int(setting["pos"]) if "pos" in setting else None,
+        train=str(setting.get("train", "layer")),
     )
     wall, cpu = time.perf_counter(), time.process_time()
     hf_gqa.patch(
@@ -85,40 +91,61 @@ def measure(model, tokenizer, windows: int) -> dict[str, float]:
     }
 
 
-def write_report(rows: list[dict], env: dict, command: str) -> None:
+def write_report(rows: list[dict], env: dict, command: str, threads: int) -> None:
+    """Merge `rows` into `results/conversion_speed.json` (a row replaces the earlier one of its setting; each row
+    notes its command, threads, date and load) and rewrite the table of `conversion_speed.md`, keeping the
+    hand-written findings after its "What this shows:" line."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "conversion_speed.json"
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    load = env["machine"]["load_average"]
+    for r in rows:
+        r.update(threads=threads, note=f"`{command}`, {env['date'][:10]}, load before {load[0]}")
     names = {r["setting"] for r in rows}
     kept = [r for r in old.get("rows", []) if r["setting"] not in names]
-    merged = {"command": command, "environment": env, "rows": kept + rows}
+    merged = {**old, "environment": env, "rows": kept + rows}
     path.write_text(json.dumps(merged, indent=1) + "\n")
-    base = next(r for r in merged["rows"] if r["setting"] == "original")
+    base = next(r for r in merged["rows"] if r["setting"].startswith("original"))
+    md = RESULTS / "conversion_speed.md"
+    findings = md.read_text().partition("\nWhat this shows:")[2] if md.exists() else ""
     lines = [
-        "# Conversion speed against quality: SmolLM2-135M-Instruct, 3 -> 1 KV heads (benchmarks/conversion_speed.py)",
+        "# Conversion speed against quality: SmolLM2-135M-Instruct, 3 -> 1 KV heads, calibrated "
+        "(benchmarks/conversion_speed.py)",
         "",
-        f"Command: `{command}`",
+        "Each row: `python benchmarks/conversion_speed.py --windows 4 --threads <threads> --settings <setting>` "
+        '(`pos=N` is `Refine(positions=N)`, `train=attention` is `Refine(train="attention")`), one `hf_gqa.patch('
+        "model, groups=1, method=Refine(...), calibration=hf_gqa.data.calibration_text(), ...)` per setting on a "
+        "fresh copy of the loaded model; the note says when and how (rows with 1 thread were made by the script's "
+        "scratch predecessors, the same call and measures, on a machine shared with 2-3 other jobs). CPU s is "
+        "`time.process_time()` of the `patch` call: compare rows of the same thread count.",
         "",
-        f"Machine: {env['machine']['cpu']}, {env['machine']['cpu_cores']} cores, "
-        f"{env['machine']['torch_threads']} torch threads; {env['date']}. Versions: "
+        f"Machine: {env['machine']['cpu']}, {env['machine']['cpu_cores']} cores. Versions (newest run): "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
         "",
-        "Calibration: `hf_gqa.data.calibration_text()` (Austen and Wikipedia interleaved), its first `tokens` "
-        "tokens. Held-out: the main job's paragraph (`hf_gqa.data.heldout_paragraph()`) and the first windows of "
-        "512 tokens of the held-out Wikipedia articles; neither is used for calibration. CPU s = "
-        "`time.process_time()` of the `patch` call (all threads).",
+        "Held-out: the main job's paragraph (`hf_gqa.data.heldout_paragraph()`, ~350 tokens: what "
+        "`examples/quickstart.py` prints) and the first 4 windows of 512 tokens of the held-out Wikipedia articles; "
+        "neither is used for calibration. Both are small samples: differences under ~10% between rows are within "
+        "the spread of one conversion to the next.",
         "",
-        "| setting | convert wall s | convert CPU s | paragraph perplexity | x original | windows perplexity | "
-        "x original |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | convert CPU s | convert wall s | paragraph perplexity | x original | 4 windows perplexity | "
+        "x original | threads | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:,.{digits}f}"
+
     for r in merged["rows"]:
+        para, windows = r["paragraph_perplexity"], r["windows_perplexity"]
         lines.append(
-            f"| `{r['setting']}` | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['paragraph_perplexity']:.2f} | "
-            f"{r['paragraph_perplexity'] / base['paragraph_perplexity']:.2f} | {r['windows_perplexity']:.2f} | "
-            f"{r['windows_perplexity'] / base['windows_perplexity']:.2f} |"
+            f"| `{r['setting']}` | {number(r['cpu_s'], 0)} | {number(r['wall_s'], 0)} | {number(para, 2)} | "
+            f"{number(para / base['paragraph_perplexity'], 2)} | {number(windows, 2)} | "
+            f"{number(windows and windows / base['windows_perplexity'], 2)} | {r.get('threads', '-')} | "
+            f"{r.get('note', '')} |"
         )
-    (RESULTS / "conversion_speed.md").write_text("\n".join(lines) + "\n")
+    if findings:
+        lines += ["", "What this shows:" + findings.rstrip("\n")]
+    md.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -138,7 +165,12 @@ def main() -> None:
     torch.manual_seed(0)
     original, tokenizer = default_model.load()
     rows = [
-        {"setting": "original", "wall_s": 0.0, "cpu_s": 0.0, **measure(original, tokenizer, args.windows)}
+        {
+            "setting": "original (no conversion)",
+            "wall_s": 0.0,
+            "cpu_s": 0.0,
+            **measure(original, tokenizer, args.windows),
+        }
     ]
     print(json.dumps(rows[-1]), flush=True)
     for text, setting in settings:
@@ -151,7 +183,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         del model
     command = "python benchmarks/conversion_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_report(rows, environment(), command.strip())
+    write_report(rows, environment(), command.strip(), args.threads)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ size (`ru_maxrss` of the child, which includes the Python, torch and transformer
 - in_memory: `AutoModelForCausalLM.from_pretrained(src, dtype="auto")`, `hf_gqa.patch`, `save_pretrained`;
 - onloaded: `hf_gqa.convert_checkpoint(src, dst, groups, calibration=ids, refine_steps=...)` (the calibrated
   default, score + refine, one decoder layer at a time, computed in float32, written in bf16);
+- onloaded_attention: the same with `refine_train="attention"` (the layer's MLP frozen, only the converted
+  attention trained: the memory-light setting);
 - in_memory_calibrated: `from_pretrained(src, dtype=float32)`, `hf_gqa.patch(calibration=ids, ...)` with the same
   settings, cast to bf16, `save_pretrained`.
 
@@ -85,7 +87,8 @@ ONLOADED = """
 import sys, time, json, torch, hf_gqa, hf_gqa.streaming
 src, dst, groups, shard = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 tokens, block, batch, steps = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
-settings = dict(calibration_tokens=tokens, block_size=block, batch_size=batch, refine_steps=steps)
+settings = dict(calibration_tokens=tokens, block_size=block, batch_size=batch, refine_steps=steps,
+                refine_train=sys.argv[9])
 estimate = hf_gqa.streaming.plan_checkpoint(src, groups, calibrated=True, max_shard_size=shard, **settings).calibrated
 ids = torch.randint(0, 32000, (tokens,), generator=torch.Generator().manual_seed(0))
 t = time.perf_counter()
@@ -132,8 +135,9 @@ print(len(bad), worst)
 
 
 #: The paths, in the order they run.
-PATHS = ("streamed", "in_memory", "onloaded", "in_memory_calibrated")
-CALIBRATED_PATHS = ("onloaded", "in_memory_calibrated")
+PATHS = ("streamed", "in_memory", "onloaded", "in_memory_calibrated", "onloaded_attention")
+CALIBRATED_PATHS = ("onloaded", "in_memory_calibrated", "onloaded_attention")
+ONLOADED_PATHS = {"onloaded": "layer", "onloaded_attention": "attention"}  # path: refine_train
 
 #: Runs one command and prints, last, the peak RSS (KiB) of that command alone (a fresh RUSAGE_CHILDREN).
 WRAPPER = (
@@ -171,6 +175,7 @@ def run_path(path: str, src: Path, work: Path, size: str, args: list[str], threa
         "streamed": STREAM,
         "in_memory": IN_MEMORY,
         "onloaded": ONLOADED,
+        "onloaded_attention": ONLOADED,
         "in_memory_calibrated": IN_MEMORY_CALIBRATED,
     }[path]
     dst = work / f"{size}-{path}"
@@ -205,11 +210,12 @@ def measure(size: str, work: Path, paths: list[str], settings: dict, previous: d
     ]
     for path in paths:
         args = [groups, shard] + (calibrated if path in CALIBRATED_PATHS else [])
+        args += [ONLOADED_PATHS[path]] if path in ONLOADED_PATHS else []
         inner, result = run_path(path, src, work, size, args, threads)
         if path in CALIBRATED_PATHS:
             figures = json.loads(inner)
             result["convert_s"] = round(figures["seconds"], 1)
-            if path == "onloaded":
+            if path in ONLOADED_PATHS:
                 per_layer = figures["per_layer"]
                 result["seconds_per_layer"] = round(sum(per_layer) / len(per_layer), 2)
                 result["total_s_per_layer"] = round(figures["seconds"] / layers, 2)
@@ -231,8 +237,9 @@ def measure(size: str, work: Path, paths: list[str], settings: dict, previous: d
         row["onloaded_over_in_memory_time_per_layer"] = round(
             row["onloaded"]["total_s_per_layer"] / row["in_memory_calibrated"]["total_s_per_layer"], 3
         )
-    if "onloaded" in row:
-        row["calibration_activation_bytes"] = row["onloaded"]["estimate"]["activation_bytes"]
+    onloaded = [p for p in ONLOADED_PATHS if p in row]
+    if onloaded:
+        row["calibration_activation_bytes"] = row[onloaded[0]]["estimate"]["activation_bytes"]
         row["onloaded_target_bytes"] = int(
             0.25 * row["checkpoint_bytes"] + row["calibration_activation_bytes"]
         )
@@ -297,8 +304,8 @@ def projection_lines(rows: list[dict], settings: dict) -> list[str]:
         f"about {2 * token_passes(tokens, block, steps) / 1e3:.1f} k FLOPs per weight (4 passes over every token, 3 "
         f"per refine step over one block), i.e. {cpu_rate / 1e9:.0f} GFLOP/s on this CPU. A projected layer "
         "costs its weights x the same FLOPs per weight, at that rate; memory per layer is the float32 layer, "
-        "its refined copy and its refine state (Adam's two moments, gradients, the start kept: 6 layer copies "
-        "in all with refine scope `layer`) plus 5 copies of the activations (`tokens x hidden x 4` bytes). "
+        "its trained copy and its refine state (Adam's two moments and the start kept; each gradient is dropped "
+        "as its parameter steps): 5 layer copies in all with refine scope `layer`, plus 5 copies of the activations (`tokens x hidden x 4` bytes). "
         f"On one {GPU['name']}: float32 at {GPU['efficiency']:.0%} of {GPU['fp32_flops'] / 1e12:.1f} TFLOP/s, "
         f"each layer read from disk at {GPU['disk_bytes_s'] / 1e9:.0f} GB/s and copied to the device at "
         f"{GPU['h2d_bytes_s'] / 1e9:.0f} GB/s (not overlapped). Two settings: the benchmark's, and the defaults "
@@ -318,7 +325,7 @@ def projection_lines(rows: list[dict], settings: dict) -> list[str]:
             cpu_s = layer_flops / cpu_rate
             io_s = (checkpoint / layers) / GPU["disk_bytes_s"] + (checkpoint / layers) / GPU["h2d_bytes_s"]
             gpu_s = layer_flops / (GPU["fp32_flops"] * GPU["efficiency"]) + io_s
-            memory = 6 * p * 4 + 5 * t * hidden * 4
+            memory = 5 * p * 4 + 5 * t * hidden * 4
             lines.append(
                 f"| {name} | {layers} | {p / 1e6:.0f} M | {label} | {_duration(cpu_s)} | {_duration(cpu_s * layers)} | "
                 f"{_duration(gpu_s)} | {_duration(gpu_s * layers)} | {memory / GIB:.1f} GiB |"
@@ -435,6 +442,41 @@ def calibrated_lines(rows: list[dict], settings: dict) -> list[str]:
             "seconds per layer it would have taken as long again, over this run's time budget; by the in-memory "
             "rows above its peak RSS would be about 4 x the bf16 checkpoint, the model in float32).",
         ]
+    return lines + light_lines(rows, settings)
+
+
+def light_lines(rows: list[dict], settings: dict) -> list[str]:
+    """The memory-light onloaded setting (`refine_train="attention"`) against the default onloaded run."""
+    rows = [r for r in rows if "onloaded_attention" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### The memory-light setting: refine_train='attention'",
+        "",
+        'The same onloaded conversion with `refine_train="attention"`: the refine still fits the whole decoder '
+        "layer's output, but trains the converted attention only; the MLP and norms stay the original's, shared, "
+        'with no copy and no optimizer state (`hf_gqa.Refine(train="attention")`, `--refine-train attention`). '
+        "Same target.",
+        "",
+        "| size | checkpoint | peak RSS | target | estimate (host) | s/layer (loop / run) | default onloaded "
+        "peak RSS | default onloaded s/layer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        a, o = r["onloaded_attention"], r.get("onloaded")
+        target = r["onloaded_target_bytes"]
+        met = "met" if a["peak_rss_bytes"] <= target else "not met"
+        lines.append(
+            f"| {r['size']} | {r['checkpoint_bytes'] / GIB:.2f} GiB | {a['peak_rss_bytes'] / GIB:.2f} GiB "
+            f"({a['peak_rss_over_checkpoint']:.0%}) | {target / GIB:.2f} GiB: {met} | "
+            f"{a['estimate']['host_estimate'] / GIB:.2f} GiB | {a['seconds_per_layer']} / {a['total_s_per_layer']} | "
+            f"{o['peak_rss_bytes'] / GIB:.2f} GiB | {o['seconds_per_layer']} |"
+            if o
+            else f"| {r['size']} | {r['checkpoint_bytes'] / GIB:.2f} GiB | {a['peak_rss_bytes'] / GIB:.2f} GiB | "
+            f"{target / GIB:.2f} GiB: {met} | {a['estimate']['host_estimate'] / GIB:.2f} GiB | "
+            f"{a['seconds_per_layer']} / {a['total_s_per_layer']} | - | - |"
+        )
     return lines
 
 
@@ -486,6 +528,7 @@ def plot(rows: list[dict], out: Path) -> None:
         ("streamed", "o-", "streamed, data-free (convert_checkpoint)"),
         ("in_memory_calibrated", "s--", "in memory, calibrated (load fp32, patch, save)"),
         ("onloaded", "s--", "onloaded, calibrated (convert_checkpoint(calibration=))"),
+        ("onloaded_attention", "^--", "onloaded, calibrated, refine_train='attention'"),
     )
     for key, style, label in series:
         points = [(r["checkpoint_bytes"] / GIB, r[key]["peak_rss_bytes"] / GIB) for r in rows if key in r]

@@ -62,6 +62,13 @@ def main() -> None:
         help="token positions of its 512-token block each refine step is scored on, the layer computing only "
         "those (default 256: about a third faster than all of them, slightly worse; 0 = all, the library default)",
     )
+    parser.add_argument(
+        "--refine-train",
+        default="layer",
+        choices=["layer", "attention"],
+        help="what each refine step trains: the whole decoder layer (default) or the converted attention alone, "
+        "the MLP frozen (less memory)",
+    )
     parser.add_argument("--prompt", default="The Eiffel Tower is located in")
     parser.add_argument("--new-tokens", type=int, default=30)
     parser.add_argument("--save", default=None, help="folder to save the converted model to")
@@ -76,6 +83,8 @@ def main() -> None:
     kwargs: dict = {"merge": args.merge, "refine_steps": args.refine_steps}
     if args.refine_positions:
         kwargs["refine_positions"] = args.refine_positions
+    if args.refine_train != "layer":
+        kwargs["refine_train"] = args.refine_train
     if not args.no_calibration:
         kwargs.update(
             calibration=data.calibration_text(args.calibration),

@@ -40,6 +40,12 @@ REFINE_TARGETS = ("local", "original", "residual")
 #: cannot carry. With "residual" / "original" targets the fit is to the original model's own trajectory.
 REFINE_SCOPES = ("attention", "layer")
 
+#: Which parameters a `scope="layer"` refine trains: "layer": all of the layer copy's (Adam keeps two moments of
+#: every one: about 4 copies of the layer in float32 while it fits); "attention": the converted attention's alone,
+#: the MLP and norms frozen and shared with the original layer (no copy of them, no optimizer state, cheaper
+#: backward), still fitted to the whole layer's output.
+REFINE_TRAINS = ("layer", "attention")
+
 
 class ConversionMethod:
     """Base of every conversion method.
@@ -83,6 +89,7 @@ class Refine(ConversionMethod):
     """`init`'s closed form, then per layer `steps` Adam steps (rate `lr`, cosine decay) fitting the converted
     block (`scope="attention"`) or a copy of its whole decoder layer (`scope="layer"`) to the original's output
     on the calibration data (`target`, see `REFINE_TARGETS`). A fit that ends worse than it started is undone.
+    `train="attention"` trains only the converted attention inside the layer copy (see `REFINE_TRAINS`).
     Each step fits one calibration sequence scored on `positions` of its token positions drawn at random (all of
     them with `positions=None`); the layer then computes only those positions, keys and values excepted
     (`hf_gqa.refine.PositionSubset`), so a step costs about `positions / block_size` of a full one.
@@ -96,6 +103,7 @@ class Refine(ConversionMethod):
     scope: str = "layer"
     init: str | Merge = "score"
     positions: int | None = None
+    train: str = "layer"
     name: ClassVar[str] = "refine"
     needs_calibration: ClassVar[bool] = True
 
@@ -108,6 +116,10 @@ class Refine(ConversionMethod):
             raise GQAError(f"refine target must be one of {REFINE_TARGETS}, got {self.target!r}.")
         if self.scope not in REFINE_SCOPES:
             raise GQAError(f"refine scope must be one of {REFINE_SCOPES}, got {self.scope!r}.")
+        if self.train not in REFINE_TRAINS:
+            raise GQAError(f"refine train must be one of {REFINE_TRAINS}, got {self.train!r}.")
+        if self.scope == "attention" and self.train != "attention":
+            object.__setattr__(self, "train", "attention")  # an attention-scope fit has nothing else to train
         if self.positions is not None and (
             isinstance(self.positions, bool) or not isinstance(self.positions, int) or self.positions < 1
         ):
@@ -197,6 +209,7 @@ __all__ = [
     "METHODS",
     "REFINE_SCOPES",
     "REFINE_TARGETS",
+    "REFINE_TRAINS",
     "ConversionMethod",
     "Merge",
     "Refine",

@@ -50,6 +50,8 @@ logger = logging.getLogger("hf_gqa")
 ACTIVATIONS_ON_DISK_ABOVE = 8 * 2**30
 #: Resident memory of a process that has imported hf_gqa and done nothing else (measured, benchmarks/streaming.md).
 IMPORTS_BYTES = int(0.37 * 2**30)
+#: What refine holds per trained byte: the trained copy, Adam's two moments and the start kept to undo a bad fit.
+REFINE_COPIES = 4
 
 
 # -- estimates -----------------------------------------------------------------------------------------------------
@@ -71,7 +73,7 @@ class OnloadEstimate:
     method: str
     refine_scope: str | None
     layer_bytes: int
-    trained_bytes: int  # parameters refine trains (the layer copy, or the converted attention module)
+    trained_bytes: int  # parameters refine trains (the layer copy, or the converted attention alone)
     embedding_bytes: int  # the weights loaded for the capture pass (embeddings), in the compute dtype
     activation_bytes: int
     device_activation_copies: int
@@ -87,12 +89,13 @@ class OnloadEstimate:
 
     @property
     def device_peak_bytes(self) -> int:
-        """One decoder layer, its converted copy, the refine state (Adam's two moments, gradients, the start kept
-        to undo a bad fit: 4 x trained), the layer's activations on the device and one batch's temporaries; or the
-        embeddings during the capture pass, whichever is larger."""
+        """One decoder layer, the trained copy and its refine state (the copy, Adam's two moments, the start kept
+        to undo a bad fit: 4 x trained; each gradient is dropped as its parameter steps), the layer's activations
+        on the device and one batch's temporaries; or the embeddings during the capture pass, whichever is
+        larger."""
         layer_phase = (
             self.layer_bytes
-            + 5 * self.trained_bytes
+            + REFINE_COPIES * self.trained_bytes
             + self.device_activation_copies * self.activation_bytes
             + self.batch_bytes
         )
@@ -118,7 +121,7 @@ class OnloadEstimate:
             f"{dtype}, {self.tokens:,} calibration tokens ({self.tokens // self.block_size} blocks of "
             f"{self.block_size}, batches of {self.batch_size}); estimated peak device memory "
             f"{size(self.device_peak_bytes)} (layer {size(self.layer_bytes)} + refine state "
-            f"{size(5 * self.trained_bytes)} + {self.device_activation_copies} x activations "
+            f"{size(REFINE_COPIES * self.trained_bytes)} + {self.device_activation_copies} x activations "
             f"{size(self.activation_bytes)} + one batch {size(self.batch_bytes)}); estimated peak host memory "
             f"{size(self.host_peak_bytes)} (activations kept between layers {self.stored_activation_copies} x "
             f"{size(self.activation_bytes)}, one layer as read {size(self.source_layer_bytes)}, output shard 2 x "
@@ -172,7 +175,8 @@ def estimate_onload(
     if settings.refine_steps > 0 and settings.refine_scope == "attention":
         copies += 2  # the attention inputs kept for the fit and its targets
     scope = settings.refine_scope if settings.refine_steps > 0 else None
-    trained = max(per_layer) if scope == "layer" else (attention if scope == "attention" else 0)
+    trains_layer = scope == "layer" and settings.refine is not None and settings.refine.train == "layer"
+    trained = max(per_layer) if trains_layer else (attention if scope is not None else 0)
     return OnloadEstimate(
         layers=len(plan.layers),
         tokens=tokens,

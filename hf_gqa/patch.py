@@ -83,6 +83,7 @@ def patch(
     refine_target: str | None = None,
     refine_scope: str | None = None,
     refine_positions: int | None = None,
+    refine_train: str | None = None,
 ) -> PreTrainedModel:
     """Convert `model`'s attention to GQA with `groups` key/value heads, in place, and return it.
 
@@ -108,8 +109,8 @@ def patch(
             minimise the summed output error of the converted attention blocks (see `hf_gqa.budget`).
         attn_implementation: attention implementation to set after conversion. By default a model on `"sdpa"`
             moves to `"hf_gqa_sdpa"` (identical numerics, no K/V copies for padded batches on CPU).
-        refine_steps, refine_lr, refine_target, refine_scope, refine_positions: the short spelling of
-            `method=Refine(steps=..., lr=..., target=..., scope=..., positions=...)` (see
+        refine_steps, refine_lr, refine_target, refine_scope, refine_positions, refine_train: the short spelling
+            of `method=Refine(steps=..., lr=..., target=..., scope=..., positions=..., train=...)` (see
             `hf_gqa.methods.Refine`); `refine_steps` with another merge refines from that merge
             (`merge="mean", refine_steps=100`).
 
@@ -134,6 +135,7 @@ def patch(
             target=refine_target,
             scope=refine_scope,
             positions=refine_positions,
+            train=refine_train,
         ),
         dict(tokens=calibration_tokens, block_size=block_size, seed=seed),
         batch_size,

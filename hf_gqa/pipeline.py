@@ -94,7 +94,8 @@ def _refine_layer(
     outputs: list[torch.Tensor] | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """A copy of decoder `layer` holding the converted attention `new` (in place of `parent.attr`), refined as a
-    whole to `targets` on `layer_calls`; the copy's outputs on `layer_calls` are appended to `outputs`. `layer`
+    whole to `targets` on `layer_calls` (with `refine.train == "attention"` the copy shares every other parameter
+    with `layer` and only the attention is trained); the copy's outputs on `layer_calls` are appended to `outputs`. `layer`
     itself is left as it was. The copy shares the model's config objects (a copied config would not follow
     later changes of the model's, such as its attention implementation)."""
     import copy
@@ -103,7 +104,12 @@ def _refine_layer(
     setattr(parent, attr, new)
     try:
         path = next(name for name, module in layer.named_modules() if module is new)
-        new_layer = copy.deepcopy(layer, memo=_shared_configs(layer))
+        memo = _shared_configs(layer)
+        if refine.train == "attention":
+            # the MLP and norms stay the original's tensors: refine_module trains what is not shared
+            kept = {id(p) for p in new.parameters()}
+            memo.update({id(p): p for p in layer.parameters() if id(p) not in kept})
+        new_layer = copy.deepcopy(layer, memo=memo)
     finally:
         setattr(parent, attr, old)
     subset = None

@@ -202,7 +202,13 @@ def refine_module(
     """Fit `converted` to `original` on `inputs` (captured `(args, kwargs)` of the attention calls).
 
     Minimises the relative squared error `||f_conv(x) - f_orig(x)||^2 / ||f_orig(x)||^2` with Adam, cycling over
-    the captured batches, in the model's dtype (convert in float32 for best results).
+    the captured batches, in the model's dtype (convert in float32 for best results). Only the parameters of
+    `converted` that it does not share with `original` are trained; the shared ones are frozen for the fit.
+
+    Memory: besides the trained parameters, Adam's two moments of each and the start kept to undo a bad fit
+    (stored in bfloat16 / float16 where that holds its values exactly, as weights read from a bf16 checkpoint
+    do). Each parameter takes its Adam step as soon as its gradient is complete and drops it, so the gradients of
+    the whole module never exist at once.
 
     Args:
         targets: the output to fit for each captured call; by default the original module's output on the same
@@ -217,49 +223,86 @@ def refine_module(
     params = [p for p in converted.parameters() if id(p) not in shared]
     if not params or steps <= 0:
         return {}
+    frozen = [p for p in converted.parameters() if id(p) in shared]
     was_training = converted.training
     converted.eval()
     if targets is None:
         with torch.no_grad():
             targets = [call_output(original, a, k).float() for a, k in inputs]
     targets = [t.float() for t in targets]
-    grads = [p.requires_grad for p in params]
+    grads = {p: p.requires_grad for p in params + frozen}
     for p in params:
         p.requires_grad_(True)
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return _fit(converted, params, inputs, targets, steps, lr, seed, positions, subset, outputs)
+    finally:
+        for p, grad in grads.items():
+            p.requires_grad_(grad)
+            p.grad = None
+        converted.train(was_training)
 
+
+def _fit(
+    converted: nn.Module,
+    params: list[nn.Parameter],
+    inputs: list[tuple[tuple, dict]],
+    targets: list[torch.Tensor],
+    steps: int,
+    lr: float,
+    seed: int,
+    positions: int | None,
+    subset: PositionSubset | None,
+    outputs: list[torch.Tensor] | None,
+) -> dict[str, float]:
+    """`refine_module`'s fit of `params` (set to require gradients) once its targets are known."""
     start: list[torch.Tensor] = []
     before = relative_error(converted, inputs, targets, start)
     if before < 1e-10:  # exact to float precision (e.g. groups == heads): Adam steps would only add noise
-        for p, grad in zip(params, grads):
-            p.requires_grad_(grad)
-        converted.train(was_training)
         if outputs is not None:
             outputs.extend(start)
         return {"before": before, "after": before, "reverted": False}
-    initial = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    initial = [_compact_copy(p) for p in params]
+    optimizers = {p: torch.optim.Adam([p], lr=lr) for p in params}
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps) for o in optimizers.values()]
+
+    def step_now(p: torch.Tensor) -> None:  # the parameter's gradient is complete: step, then drop it
+        optimizers[p].step()
+        p.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(step_now) for p in params]
     g = torch.Generator().manual_seed(seed)
     order = torch.randint(len(inputs), (steps,), generator=g).tolist()
-    for i in order:
-        # one sequence of a captured batch per step: cheaper steps, same expected gradient
-        args, kwargs = inputs[i]
-        batch = targets[i].shape[0]
-        row = int(torch.randint(batch, (1,), generator=g))
-        args, kwargs, target = _rows(args, row, batch), _rows(kwargs, row, batch), targets[i][row : row + 1]
-        length = target.shape[-2]
-        if positions is not None and positions < length:
-            picked = torch.randperm(length, generator=g)[:positions].sort().values
-            with subset.only(picked) if subset is not None else nullcontext():
-                out = call_output(converted, args, kwargs).float().index_select(-2, picked)
-            target = target.index_select(-2, picked)
-        else:
-            out = call_output(converted, args, kwargs).float()
-        loss = ((out - target) ** 2).sum() / (target**2).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    try:
+        for i in order:
+            # one sequence of a captured batch per step: cheaper steps, same expected gradient
+            args, kwargs = inputs[i]
+            batch = targets[i].shape[0]
+            row = int(torch.randint(batch, (1,), generator=g))
+            args, kwargs, target = (
+                _rows(args, row, batch),
+                _rows(kwargs, row, batch),
+                targets[i][row : row + 1],
+            )
+            length = target.shape[-2]
+            if positions is not None and positions < length:
+                picked = torch.randperm(length, generator=g)[:positions].sort().values
+                with subset.only(picked) if subset is not None else nullcontext():
+                    out = call_output(converted, args, kwargs).float().index_select(-2, picked)
+                target = target.index_select(-2, picked)
+            else:
+                out = call_output(converted, args, kwargs).float()
+            loss = ((out - target) ** 2).sum() / (target**2).sum()
+            loss.backward()  # each parameter steps in its hook
+            del out, loss
+            for schedule in schedules:
+                schedule.step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    optimizers.clear()  # Adam's moments are not needed for the final error
+    schedules.clear()
     end: list[torch.Tensor] = []
     after = relative_error(converted, inputs, targets, end)
     reverted = after >= before  # never leave a block worse on the calibration data than its closed form
@@ -268,10 +311,19 @@ def refine_module(
             for p, value in zip(params, initial):
                 p.copy_(value)
         after = before
-    for p, grad in zip(params, grads):
-        p.requires_grad_(grad)
-        p.grad = None
-    converted.train(was_training)
     if outputs is not None:
         outputs.extend(start if reverted else end)
     return {"before": before, "after": after, "reverted": reverted}
+
+
+def _compact_copy(p: torch.Tensor) -> torch.Tensor:
+    """A copy of `p`'s values in the narrowest floating dtype that holds them exactly (a float32 weight read from
+    a bf16 checkpoint is kept in bf16: half the bytes)."""
+    value = p.detach()
+    if value.dtype == torch.float32:
+        for narrow in (torch.bfloat16, torch.float16):
+            candidate = value.to(narrow)
+            if torch.equal(candidate.to(value.dtype), value):
+                return candidate
+            del candidate
+    return value.clone()

@@ -154,6 +154,7 @@ def plan_checkpoint(
     refine_target: str | None = None,
     refine_scope: str | None = None,
     refine_positions: int | None = None,
+    refine_train: str | None = None,
     device: str | torch.device = "cpu",
     compute_dtype: torch.dtype | None = torch.float32,
 ) -> CheckpointPlan:
@@ -174,7 +175,12 @@ def plan_checkpoint(
     model = empty_model(AutoConfig.from_pretrained(src))
     adapter = get_adapter(model)
     refine = dict(
-        steps=refine_steps, lr=refine_lr, target=refine_target, scope=refine_scope, positions=refine_positions
+        steps=refine_steps,
+        lr=refine_lr,
+        target=refine_target,
+        scope=refine_scope,
+        positions=refine_positions,
+        train=refine_train,
     )
     method_spec = method
     method = resolve_method(method, refine, calibrated, adapter, model)
@@ -271,6 +277,7 @@ def convert_checkpoint(
     refine_target: str | None = None,
     refine_scope: str | None = None,
     refine_positions: int | None = None,
+    refine_train: str | None = None,
     device: str | torch.device = "cpu",
     compute_dtype: torch.dtype | None = torch.float32,
     activations_on_disk_above: int | None = None,
@@ -328,6 +335,7 @@ def convert_checkpoint(
                 target=refine_target,
                 scope=refine_scope,
                 positions=refine_positions,
+                train=refine_train,
             ),
             device=device,
             compute_dtype=compute_dtype,
@@ -346,6 +354,7 @@ def convert_checkpoint(
         refine_target=refine_target,
         refine_scope=refine_scope,
         refine_positions=refine_positions,
+        refine_train=refine_train,
     )
     src, model, adapter, plans, weight_map = plan.src, plan.model, plan.adapter, plan.layers, plan.weight_map
     method, grouping_fn = plan.method, get_grouping(grouping)
@@ -442,6 +451,7 @@ def _convert_calibrated(
         refine_target=refine.get("target"),
         refine_scope=refine.get("scope"),
         refine_positions=refine.get("positions"),
+        refine_train=refine.get("train"),
         device=device,
         compute_dtype=compute_dtype,
     )

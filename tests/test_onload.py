@@ -107,8 +107,17 @@ def test_onloaded_equals_in_memory_calibrated(case: FamilyCase, tmp_path, ids):
         dict(method="score"),
         dict(method="mean", refine_steps=3, grouping="similarity"),
         dict(method=Refine(steps=3, positions=8)),
+        dict(refine_steps=3, refine_train="attention"),
     ],
-    ids=["attention-scope", "local-target", "not-sequential", "score", "mean-refine-similarity", "positions"],
+    ids=[
+        "attention-scope",
+        "local-target",
+        "not-sequential",
+        "score",
+        "mean-refine-similarity",
+        "positions",
+        "train-attention",
+    ],
 )
 def test_onloaded_settings_match_patch(settings, tmp_path, ids):
     src, dst, ref = tmp_path / "src", tmp_path / "dst", tmp_path / "ref"
@@ -188,7 +197,14 @@ def test_the_calibrated_plan_states_layers_tokens_and_memory(tmp_path):
     layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64  # q/k/v/o, the MLP, two norms: float32 in the computation
     assert estimate.layer_bytes == layer * 4 and estimate.trained_bytes == layer * 4
     assert estimate.activation_bytes == 96 * 64 * 4 and estimate.source_layer_bytes == layer * 2
-    assert estimate.device_peak_bytes > 6 * estimate.layer_bytes
+    # the original layer, then the trained copy, Adam's two moments and the start: 5 layers, plus activations
+    assert estimate.device_peak_bytes > 5 * estimate.layer_bytes
+    light = hf_gqa.streaming.plan_checkpoint(
+        src, groups=2, calibrated=True, calibration_tokens=100, block_size=32, batch_size=2, refine_steps=5,
+        refine_train="attention",
+    ).calibrated  # fmt: skip
+    assert light.trained_bytes == 4 * 64 * 64 * 4  # the attention's q/k/v/o as read (the plan's upper bound)
+    assert light.device_peak_bytes == estimate.device_peak_bytes - 4 * (layer - 4 * 64 * 64) * 4
     text = str(plan)
     for words in ("2 decoder layers", "96 calibration tokens", "estimated peak device memory", "host memory"):
         assert words in text, words

@@ -91,7 +91,7 @@ def _run_on_checkpoint(args: argparse.Namespace) -> int:
 
     options: dict = {"max_shard_size": args.max_shard_size}
     calibrated = args.calibration is not None
-    for name in ("refine_steps", "refine_scope", "refine_positions"):
+    for name in ("refine_steps", "refine_scope", "refine_positions", "refine_train"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if calibrated:

@@ -185,6 +185,13 @@ def add_conversion_arguments(parser: argparse.ArgumentParser, merge_default: str
         help="refine the attention block alone, or the whole decoder layer around it (MLP included)",
     )
     group.add_argument(
+        "--refine-train",
+        choices=["layer", "attention"],
+        default=None,
+        help="with layer scope, train every parameter of the layer (default) or only the converted attention, "
+        "the MLP frozen: less memory (no optimizer state for the MLP) and cheaper steps",
+    )
+    group.add_argument(
         "--kv-budget", type=float, default=None, help="with --groups auto: KV bytes to keep (0-1]"
     )
 
@@ -229,7 +236,7 @@ def conversion_kwargs(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
             calibration_tokens=args.calibration_tokens,
             seed=args.conversion_seed,
         )
-    for name in ("refine_steps", "refine_scope", "refine_positions", "kv_budget"):
+    for name in ("refine_steps", "refine_scope", "refine_positions", "refine_train", "kv_budget"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     return kwargs
