@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -74,6 +75,7 @@ class OnloadEstimate:
     refine_scope: str | None
     layer_bytes: int
     trained_bytes: int  # parameters refine trains (the layer copy, or the converted attention alone)
+    frees_layer: bool  # the original layer's weights are freed once its trained copy exists
     embedding_bytes: int  # the weights loaded for the capture pass (embeddings), in the compute dtype
     activation_bytes: int
     device_activation_copies: int
@@ -89,12 +91,12 @@ class OnloadEstimate:
 
     @property
     def device_peak_bytes(self) -> int:
-        """One decoder layer, the trained copy and its refine state (the copy, Adam's two moments, the start kept
-        to undo a bad fit: 4 x trained; each gradient is dropped as its parameter steps), the layer's activations
-        on the device and one batch's temporaries; or the embeddings during the capture pass, whichever is
-        larger."""
+        """The refine state (the trained copy, Adam's two moments, the start kept to undo a bad fit: 4 x trained;
+        each gradient is dropped as its parameter steps), plus the original decoder layer unless it is freed once
+        its copy exists, the layer's activations on the device and one batch's temporaries; or the embeddings
+        during the capture pass, whichever is larger."""
         layer_phase = (
-            self.layer_bytes
+            (0 if self.frees_layer else self.layer_bytes)
             + REFINE_COPIES * self.trained_bytes
             + self.device_activation_copies * self.activation_bytes
             + self.batch_bytes
@@ -116,11 +118,12 @@ class OnloadEstimate:
     def __str__(self) -> str:
         dtype = str(self.compute_dtype).removeprefix("torch.")
         refine = f", refine scope {self.refine_scope}" if self.refine_scope else ""
+        layer = "" if self.frees_layer else f"layer {size(self.layer_bytes)} + "
         return (
             f"calibrated ({self.method}{refine}): {self.layers} decoder layers one at a time on {self.device} in "
             f"{dtype}, {self.tokens:,} calibration tokens ({self.tokens // self.block_size} blocks of "
             f"{self.block_size}, batches of {self.batch_size}); estimated peak device memory "
-            f"{size(self.device_peak_bytes)} (layer {size(self.layer_bytes)} + refine state "
+            f"{size(self.device_peak_bytes)} ({layer}refine state "
             f"{size(REFINE_COPIES * self.trained_bytes)} + {self.device_activation_copies} x activations "
             f"{size(self.activation_bytes)} + one batch {size(self.batch_bytes)}); estimated peak host memory "
             f"{size(self.host_peak_bytes)} (activations kept between layers {self.stored_activation_copies} x "
@@ -189,6 +192,7 @@ def estimate_onload(
         refine_scope=scope,
         layer_bytes=max(per_layer),
         trained_bytes=trained,
+        frees_layer=trains_layer and settings.sequential,
         embedding_bytes=sum(state[k].numel() for k in embedding_keys) * itemsize,
         activation_bytes=tokens * hidden * itemsize,
         device_activation_copies=copies,
@@ -479,6 +483,7 @@ def run_onloaded(
                 original.get(device) if settings.tracks_original else None,
                 conversion.convert_layer,
                 settings,
+                release_original=partial(free_tensors, model, keys_by_layer[i]),
             )
             parent, attr, old, _ = step.replacement
             setattr(parent, attr, old)  # the model keeps the original (meta) modules

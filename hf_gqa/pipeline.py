@@ -92,10 +92,12 @@ def _refine_layer(
     seed: int,
     key_value_inputs: tuple[str, ...],
     outputs: list[torch.Tensor] | None = None,
+    release: Callable[[], None] | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """A copy of decoder `layer` holding the converted attention `new` (in place of `parent.attr`), refined as a
     whole to `targets` on `layer_calls` (with `refine.train == "attention"` the copy shares every other parameter
-    with `layer` and only the attention is trained); the copy's outputs on `layer_calls` are appended to `outputs`. `layer`
+    with `layer` and only the attention is trained); `release`, if given, is called once the copy exists (the
+    caller may free `layer`'s weights: the fit needs only the copy and `targets`); the copy's outputs on `layer_calls` are appended to `outputs`. `layer`
     itself is left as it was. The copy shares the model's config objects (a copied config would not follow
     later changes of the model's, such as its attention implementation)."""
     import copy
@@ -112,6 +114,8 @@ def _refine_layer(
         new_layer = copy.deepcopy(layer, memo=memo)
     finally:
         setattr(parent, attr, old)
+    if release is not None:
+        release()
     subset = None
     if refine.positions is not None:
         subset = PositionSubset.of(new_layer, new_layer.get_submodule(path), key_value_inputs)
@@ -253,12 +257,17 @@ def sequential_step(
     original_hidden: list[torch.Tensor] | None,
     convert_layer: ConvertLayer,
     settings: SequentialSettings,
+    release_original: Callable[[], None] | None = None,
 ) -> LayerStep:
     """Convert decoder layer `index` (holding `plan.module`) on its captured `calls` (hidden states left out)
     and its input `hidden` (per batch, `[batch, seq, hidden]`): gather the attention input statistics, merge,
     refine where asked (to the original trajectory `original_hidden` where tracked), swap the result in when
     `settings.sequential`, and compute the next layer's input. The one per-layer step of `run_sequential` and of
-    the onloaded conversion of checkpoints (`hf_gqa.onload`)."""
+    the onloaded conversion of checkpoints (`hf_gqa.onload`).
+
+    `release_original`: called as soon as nothing more reads the original layer's weights, which happens before
+    the fit only when a sequential refine trains a whole copy of the layer (the onloaded conversion frees them
+    there, one float32 layer less during the fit); never called otherwise."""
     refine_steps, refine_lr = settings.refine_steps, settings.refine_lr
     refine_target, refine_scope = settings.refine_target, settings.refine_scope
     layer_calls = [with_hidden(a, k, h) for (a, k), h in zip(calls, hidden)]
@@ -287,6 +296,7 @@ def sequential_step(
             index,
             settings.key_value_inputs,
             refined_outputs,
+            release_original if settings.sequential and settings.refine.train == "layer" else None,
         )
         log.update(fit)
         layers_parent_name, _, layer_attr = plan.name.rpartition(".")[0].rpartition(".")

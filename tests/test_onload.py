@@ -197,14 +197,16 @@ def test_the_calibrated_plan_states_layers_tokens_and_memory(tmp_path):
     layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64  # q/k/v/o, the MLP, two norms: float32 in the computation
     assert estimate.layer_bytes == layer * 4 and estimate.trained_bytes == layer * 4
     assert estimate.activation_bytes == 96 * 64 * 4 and estimate.source_layer_bytes == layer * 2
-    # the original layer, then the trained copy, Adam's two moments and the start: 5 layers, plus activations
-    assert estimate.device_peak_bytes > 5 * estimate.layer_bytes
+    # the trained copy, Adam's two moments and the start: 4 layers (the original freed once copied), activations
+    assert estimate.frees_layer and estimate.device_peak_bytes > 4 * estimate.layer_bytes
     light = hf_gqa.streaming.plan_checkpoint(
         src, groups=2, calibrated=True, calibration_tokens=100, block_size=32, batch_size=2, refine_steps=5,
         refine_train="attention",
     ).calibrated  # fmt: skip
     assert light.trained_bytes == 4 * 64 * 64 * 4  # the attention's q/k/v/o as read (the plan's upper bound)
-    assert light.device_peak_bytes == estimate.device_peak_bytes - 4 * (layer - 4 * 64 * 64) * 4
+    assert not light.frees_layer  # the MLP is shared with the original layer
+    rest = estimate.device_peak_bytes - 4 * estimate.trained_bytes  # activations and one batch: the same
+    assert light.device_peak_bytes == light.layer_bytes + 4 * light.trained_bytes + rest
     text = str(plan)
     for words in ("2 decoder layers", "96 calibration tokens", "estimated peak device memory", "host memory"):
         assert words in text, words
@@ -264,3 +266,28 @@ def test_cli_names_remote_code_for_multi_head_families(tmp_path, capsys):
     assert main(["convert", "--model", str(src), "--groups", "2", "--out", str(dst)]) == 0
     out = capsys.readouterr().out
     assert "trust_remote_code=True" in out and "hf_gqa.from_pretrained(path)" in out
+
+
+@pytest.mark.parametrize("train", ["layer", "attention"])
+def test_the_original_layer_is_freed_while_its_copy_fits(train, tmp_path, monkeypatch):
+    """Onloaded, a refine that trains a whole copy of the layer fits with the original's weights already freed
+    (back on the meta device: one float32 layer less); one that trains the attention alone shares the
+    original's MLP, which must stay."""
+    import hf_gqa.pipeline
+
+    seen: list[bool] = []
+    fit = hf_gqa.pipeline.refine_module
+
+    def recording(original, converted, *args, **kwargs):
+        seen.append(all(p.is_meta for p in original.parameters()))
+        assert not any(p.is_meta for p in converted.parameters())
+        return fit(original, converted, *args, **kwargs)
+
+    monkeypatch.setattr(hf_gqa.pipeline, "refine_module", recording)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tiny_llama(kv=4).save_pretrained(src, max_shard_size="30KB")
+    hf_gqa.convert_checkpoint(
+        src, dst, groups=2, calibration=calibration_ids(), refine_steps=2, refine_train=train,
+        show_progress=False, **CALIB,
+    )  # fmt: skip
+    assert seen == [train == "layer"] * 2
