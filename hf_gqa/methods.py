@@ -118,6 +118,11 @@ class Refine(ConversionMethod):
             raise GQAError(f"refine scope must be one of {REFINE_SCOPES}, got {self.scope!r}.")
         if self.train not in REFINE_TRAINS:
             raise GQAError(f"refine train must be one of {REFINE_TRAINS}, got {self.train!r}.")
+        if self.scope == "attention" and self.positions is not None:
+            raise GQAError(
+                "refine positions apply to scope='layer' (the layer computes only the scored positions); "
+                "an attention-scope refine fits every position: drop positions= or use scope='layer'."
+            )
         if self.scope == "attention" and self.train != "attention":
             object.__setattr__(self, "train", "attention")  # an attention-scope fit has nothing else to train
         if self.positions is not None and (

@@ -43,6 +43,8 @@ def test_methods_declare_what_they_need():
         (dict(scope="model"), "scope"),
         (dict(init="refine"), "closed-form"),
         (dict(init="nope"), "Unknown method"),
+        (dict(scope="attention", positions=8), "positions apply to scope='layer'"),
+        (dict(train="mlp"), "train must be one of"),
     ],
 )
 def test_refine_settings_are_validated(settings, match):
