@@ -25,11 +25,13 @@ loaded with `dtype="auto"`).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -433,6 +435,31 @@ def converted_layer_state(
     return out
 
 
+#: glibc's `mallopt` parameter for the size above which allocations are mapped directly.
+_M_MMAP_THRESHOLD = -3
+
+
+@contextmanager
+def large_allocations_mapped(during: int = 1 << 20, after: int = 32 << 20) -> Iterator[None]:
+    """glibc only: for the block, allocations above `during` bytes are mapped directly, so each one goes back to
+    the system when freed. By default glibc raises this threshold (up to 32 MiB) as large blocks are freed, after
+    which a layer's float32 weights and a refine step's temporaries come from the heap and stay resident when
+    freed: measured on a 0.5B checkpoint, 1.46 GiB peak RSS against 1.14 GiB with the threshold fixed at 1 MiB
+    (calling `malloc_trim` between steps does not help). Afterwards the threshold stays fixed at `after` bytes
+    (32 MiB: where glibc's own adjustment ends in a process that has freed large tensors; glibc cannot be put back
+    to adjusting it). Elsewhere, a no-op."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        mallopt = None
+    changed = bool(mallopt and mallopt(_M_MMAP_THRESHOLD, during))
+    try:
+        yield
+    finally:
+        if changed:
+            mallopt(_M_MMAP_THRESHOLD, after)
+
+
 def run_onloaded(
     plan,
     conversion,
@@ -445,7 +472,32 @@ def run_onloaded(
     show_progress: bool = True,
 ) -> OnloadResult:
     """Capture the layers' calls on the embeddings alone, then convert decoder layer after decoder layer, each
-    loaded on `device`, converted by `sequential_step`, handed to `writer` and freed."""
+    loaded on `device`, converted by `sequential_step`, handed to `writer` and freed; large allocations are
+    mapped directly meanwhile (`large_allocations_mapped`), so what is freed leaves the resident set."""
+    with large_allocations_mapped():
+        return _run_layers(
+            plan,
+            conversion,
+            settings,
+            writer,
+            device,
+            compute_dtype,
+            activations_on_disk_above,
+            show_progress,
+        )
+
+
+def _run_layers(
+    plan,
+    conversion,
+    settings: SequentialSettings,
+    writer: ShardWriter,
+    device: str | torch.device,
+    compute_dtype: torch.dtype | None,
+    activations_on_disk_above: int,
+    show_progress: bool,
+) -> OnloadResult:
+    """`run_onloaded`'s work."""
     from .streaming import _release_freed_memory
 
     model, reader, plans = plan.model, writer.reader, plan.layers

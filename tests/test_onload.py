@@ -291,3 +291,27 @@ def test_the_original_layer_is_freed_while_its_copy_fits(train, tmp_path, monkey
         show_progress=False, **CALIB,
     )  # fmt: skip
     assert seen == [train == "layer"] * 2
+
+
+def test_large_allocations_are_mapped_only_during_the_run(monkeypatch):
+    """glibc's mmap threshold is fixed low for the run and set to 32 MiB after it (a no-op without glibc)."""
+    import ctypes
+
+    calls: list[tuple[int, int]] = []
+    real = ctypes.CDLL(None)
+    if not hasattr(real, "mallopt"):
+        pytest.skip("no glibc mallopt here")
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    with hf_gqa.onload.large_allocations_mapped():
+        assert calls == [(-3, 1 << 20)]
+    assert calls == [(-3, 1 << 20), (-3, 32 << 20)]
+    calls.clear()
+    with pytest.raises(RuntimeError), hf_gqa.onload.large_allocations_mapped():
+        raise RuntimeError("a failed run")
+    assert calls[-1] == (-3, 32 << 20)
