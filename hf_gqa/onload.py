@@ -180,8 +180,7 @@ def estimate_onload(
     if settings.refine_steps > 0 and settings.refine_scope == "attention":
         copies += 2  # the attention inputs kept for the fit and its targets
     scope = settings.refine_scope if settings.refine_steps > 0 else None
-    trains_layer = scope == "layer" and settings.refine is not None and settings.refine.train == "layer"
-    trained = max(per_layer) if trains_layer else (attention if scope is not None else 0)
+    trained = max(per_layer) if settings.trains_layer_copy else (attention if scope is not None else 0)
     return OnloadEstimate(
         layers=len(plan.layers),
         tokens=tokens,
@@ -194,7 +193,7 @@ def estimate_onload(
         refine_scope=scope,
         layer_bytes=max(per_layer),
         trained_bytes=trained,
-        frees_layer=trains_layer and settings.sequential,
+        frees_layer=settings.frees_original_layer,
         embedding_bytes=sum(state[k].numel() for k in embedding_keys) * itemsize,
         activation_bytes=tokens * hidden * itemsize,
         device_activation_copies=copies,
@@ -460,6 +459,7 @@ def large_allocations_mapped(during: int = 1 << 20, after: int = 32 << 20) -> It
             mallopt(_M_MMAP_THRESHOLD, after)
 
 
+@large_allocations_mapped()
 def run_onloaded(
     plan,
     conversion,
@@ -474,30 +474,6 @@ def run_onloaded(
     """Capture the layers' calls on the embeddings alone, then convert decoder layer after decoder layer, each
     loaded on `device`, converted by `sequential_step`, handed to `writer` and freed; large allocations are
     mapped directly meanwhile (`large_allocations_mapped`), so what is freed leaves the resident set."""
-    with large_allocations_mapped():
-        return _run_layers(
-            plan,
-            conversion,
-            settings,
-            writer,
-            device,
-            compute_dtype,
-            activations_on_disk_above,
-            show_progress,
-        )
-
-
-def _run_layers(
-    plan,
-    conversion,
-    settings: SequentialSettings,
-    writer: ShardWriter,
-    device: str | torch.device,
-    compute_dtype: torch.dtype | None,
-    activations_on_disk_above: int,
-    show_progress: bool,
-) -> OnloadResult:
-    """`run_onloaded`'s work."""
     from .streaming import _release_freed_memory
 
     model, reader, plans = plan.model, writer.reader, plan.layers

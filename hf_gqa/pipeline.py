@@ -229,6 +229,17 @@ class SequentialSettings:
         """Whether the original model's own trajectory is carried along (drift-corrected refine targets)."""
         return self.sequential and self.refine_steps > 0 and self.refine_target != "local"
 
+    @property
+    def trains_layer_copy(self) -> bool:
+        """Whether refine trains a whole copy of each decoder layer (scope and train "layer")."""
+        return self.refine_steps > 0 and self.refine_scope == "layer" and self.refine.train == "layer"
+
+    @property
+    def frees_original_layer(self) -> bool:
+        """Whether `sequential_step` calls `release_original` before the fit: a sequential run that trains a
+        whole copy of the layer reads nothing of the original layer once the copy exists."""
+        return self.sequential and self.trains_layer_copy
+
 
 @dataclass
 class LayerStep:
@@ -296,7 +307,7 @@ def sequential_step(
             index,
             settings.key_value_inputs,
             refined_outputs,
-            release_original if settings.sequential and settings.refine.train == "layer" else None,
+            release_original if settings.frees_original_layer else None,
         )
         log.update(fit)
         layers_parent_name, _, layer_attr = plan.name.rpartition(".")[0].rpartition(".")
