@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from .checks import check_options, check_weights
 from .errors import GQAError
 from .methods import ConversionMethod, Refine
-from .pipeline import SequentialSettings, _Stop, kept_call, run_until_stop, sequential_step
+from .pipeline import SequentialSettings, capture_all_layer_calls, sequential_step
 
 logger = logging.getLogger("hf_gqa")
 
@@ -273,47 +273,6 @@ def buffers_to(module: nn.Module, device: str | torch.device, skip: tuple[str, .
             set_module_tensor_to_device(module, name, device)
 
 
-# -- the capture pass ----------------------------------------------------------------------------------------------
-def capture_calls_without_weights(
-    model: nn.Module,
-    layers: list[nn.Module],
-    blocks: torch.Tensor,
-    batch_size: int,
-    device: str | torch.device,
-) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
-    """`hf_gqa.pipeline.capture_all_layer_calls` for a model whose decoder layers hold no weights.
-
-    Each decoder layer's `forward` is replaced, for one forward pass per batch, by a recorder that keeps the call
-    and returns its hidden states unchanged; every supported family computes the layers' keyword arguments (masks,
-    position embeddings, ALiBi) before its loop over the layers, so they do not depend on what the layers return.
-    The pass stops at the last layer. Returns `(hidden, calls)`: `hidden[b]` `[batch, seq, hidden]` is batch
-    `b`'s input to layer 0, `calls[i][b]` layer `i`'s `(args, kwargs)` with the hidden states left out.
-    """
-    calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
-    hidden: list[torch.Tensor] = []
-
-    def recorder(i: int):
-        def forward(*args, **kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            if i == 0:
-                hidden.append(h.detach())
-            calls[i].append(kept_call(args, kwargs))
-            if i == len(layers) - 1:
-                raise _Stop
-            return h
-
-        return forward
-
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
-    try:
-        run_until_stop(model, blocks, batch_size, device)
-    finally:
-        for layer in layers:
-            del layer.forward
-    return hidden, calls
-
-
 # -- the calibration activations between layers --------------------------------------------------------------------
 class ActivationStore:
     """One copy of the calibration hidden states between layers, per batch `[batch, seq, hidden]`, on the CPU:
@@ -486,7 +445,7 @@ def run_onloaded(
     load_tensors(model, embedding_keys, reader, device, compute_dtype)
     buffers_to(model, device)
     blocks = conversion.blocks
-    hidden, calls = capture_calls_without_weights(model, layers, blocks, conversion.batch_size, device)
+    hidden, calls = capture_all_layer_calls(model, layers, blocks, conversion.batch_size, device)
     free_tensors(model, embedding_keys)
     stored, original = ActivationStore(activations_on_disk_above), ActivationStore(activations_on_disk_above)
     stored.put(hidden)
@@ -608,7 +567,6 @@ __all__ = [
     "ACTIVATIONS_ON_DISK_ABOVE",
     "ActivationStore",
     "OnloadEstimate",
-    "capture_calls_without_weights",
     "estimate_onload",
     "run_onloaded",
 ]

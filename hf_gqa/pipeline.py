@@ -154,35 +154,49 @@ def kept_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def capture_all_layer_calls(
-    model: nn.Module, layers: list[nn.Module], blocks: torch.Tensor, batch_size: int
+    model: nn.Module,
+    layers: list[nn.Module],
+    blocks: torch.Tensor,
+    batch_size: int,
+    device: str | torch.device | None = None,
 ) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
-    """One forward pass per batch: the hidden states entering the first layer, and every layer's call.
+    """One forward pass per batch that records every decoder layer's call without computing any layer.
 
-    Returns `(hidden, calls)`: `hidden[b]` is batch `b`'s input to layer 0, `calls[i][b]` the `(args, kwargs)`
-    of layer `i` on batch `b` with its hidden states left out (they are recomputed during the replay).
+    Each layer in `layers` has its `forward` replaced, for the pass, by a recorder that keeps the call and returns
+    its hidden states unchanged: every supported family computes the layers' keyword arguments (masks, position
+    embeddings, ALiBi) before its loop over the layers, so they do not depend on what the layers return, and the
+    replay recomputes the hidden states anyway. The pass stops at the last layer; it costs the embeddings and the
+    mask construction, not a forward of the model (also what a model whose layers hold no weights needs, see
+    `hf_gqa.onload`). An instance-level `forward` already there (accelerate's offload hooks) is put back after.
+
+    Returns `(hidden, calls)`: `hidden[b]` `[batch, seq, hidden]` is batch `b`'s input to `layers[0]`,
+    `calls[i][b]` the `(args, kwargs)` of layer `i` on batch `b` with its hidden states left out.
     """
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
     hidden: list[torch.Tensor] = []
-    handles = []
 
-    def make_hook(i: int):
-        def hook(module, args, kwargs):
+    def recorder(i: int):
+        def forward(*args, **kwargs):
             h = args[0] if args else kwargs["hidden_states"]
             if i == 0:
                 hidden.append(h.detach())
             calls[i].append(kept_call(args, kwargs))
             if i == len(layers) - 1:
                 raise _Stop
+            return h
 
-        return hook
+        return forward
 
+    own = [vars(layer).get("forward") for layer in layers]
     for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        layer.forward = recorder(i)
     try:
-        run_until_stop(model, blocks, batch_size, next(model.parameters()).device)
+        run_until_stop(model, blocks, batch_size, device or next(model.parameters()).device)
     finally:
-        for h in handles:
-            h.remove()
+        for layer, forward in zip(layers, own):
+            del layer.forward
+            if forward is not None:
+                layer.forward = forward
     return hidden, calls
 
 
