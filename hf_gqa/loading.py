@@ -45,12 +45,13 @@ def split_gguf(model: str | None, gguf_file: str | None) -> tuple[str, str | Non
     """`(folder or Hub id, GGUF file name)` from `--model` and `--gguf-file`.
 
     `gguf_file` is a file name inside the `model` folder (or Hub repository), or a path to the file, in which case
-    `model` may be left out. `model="smollm2"` names the packaged SmolLM2-135M-Instruct GGUF (`hf_gqa.default_model`).
+    `model` may be left out. `model="smollm2"` names the packaged SmolLM2-135M-Instruct (`hf_gqa.default_model`: its cached
+    transformers folder, or the GGUF).
     """
     if model == DEFAULT_MODEL and gguf_file is None and not Path(model).exists():
-        from .default_model import GGUF_FILE, gguf_dir
+        from .default_model import source
 
-        return str(gguf_dir()), GGUF_FILE
+        return source()
     if gguf_file and (model is None or os.sep in gguf_file or "/" in gguf_file):
         path = Path(gguf_file).expanduser()
         if not path.is_file():

