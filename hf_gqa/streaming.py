@@ -166,14 +166,6 @@ def plan_checkpoint(
     OnloadEstimate`: layers, calibration tokens, peak device and host memory) from the other keywords, which
     are `convert_checkpoint`'s.
     """
-    from .onload import estimate_onload, planned_tokens
-    from .patch import resolve_method
-
-    src = Path(src)
-    get_grouping(grouping)
-    weight_map = _source_weight_map(src)
-    model = empty_model(AutoConfig.from_pretrained(src))
-    adapter = get_adapter(model)
     refine = dict(
         steps=refine_steps,
         lr=refine_lr,
@@ -182,6 +174,48 @@ def plan_checkpoint(
         positions=refine_positions,
         train=refine_train,
     )
+    return _plan_checkpoint(
+        Path(src),
+        groups,
+        method,
+        grouping,
+        refine,
+        max_shard_size=max_shard_size,
+        calibrated=calibrated,
+        calibration_tokens=calibration_tokens,
+        block_size=block_size,
+        batch_size=batch_size,
+        sequential=sequential,
+        device=device,
+        compute_dtype=compute_dtype,
+    )
+
+
+def _plan_checkpoint(
+    src: Path,
+    groups: int | Sequence[int],
+    method: str | ConversionMethod | None,
+    grouping: str,
+    refine: dict,
+    *,
+    max_shard_size: int | str = "1GB",
+    calibrated: bool = False,
+    calibration_tokens: int = 8192,
+    block_size: int = 512,
+    batch_size: int = 4,
+    sequential: bool = True,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = torch.float32,
+) -> CheckpointPlan:
+    """`plan_checkpoint` with the `Refine` settings as one dict (`{"steps": ..., "lr": ..., ...}`, None for the
+    defaults), as `convert_checkpoint` holds them."""
+    from .onload import estimate_onload, planned_tokens
+    from .patch import resolve_method
+
+    get_grouping(grouping)
+    weight_map = _source_weight_map(src)
+    model = empty_model(AutoConfig.from_pretrained(src))
+    adapter = get_adapter(model)
     method_spec = method
     method = resolve_method(method, refine, calibrated, adapter, model)
     if not calibrated and (method.needs_calibration or grouping in CALIBRATED_GROUPINGS):
@@ -313,6 +347,14 @@ def convert_checkpoint(
         GQAError: a calibrated method without calibration data, text without a tokenizer, a folder without
             safetensors weights, or bad `groups` (before anything is written).
     """
+    refine = dict(
+        steps=refine_steps,
+        lr=refine_lr,
+        target=refine_target,
+        scope=refine_scope,
+        positions=refine_positions,
+        train=refine_train,
+    )
     if calibration is not None:
         return _convert_calibrated(
             src,
@@ -329,33 +371,14 @@ def convert_checkpoint(
             batch_size=batch_size,
             sequential=sequential,
             seed=seed,
-            refine=dict(
-                steps=refine_steps,
-                lr=refine_lr,
-                target=refine_target,
-                scope=refine_scope,
-                positions=refine_positions,
-                train=refine_train,
-            ),
+            refine=refine,
             device=device,
             compute_dtype=compute_dtype,
             activations_on_disk_above=activations_on_disk_above,
         )
     start = time.perf_counter()
     dst = Path(dst)
-    plan = plan_checkpoint(
-        src,
-        groups,
-        method,
-        grouping,
-        max_shard_size=max_shard_size,
-        refine_steps=refine_steps,
-        refine_lr=refine_lr,
-        refine_target=refine_target,
-        refine_scope=refine_scope,
-        refine_positions=refine_positions,
-        refine_train=refine_train,
-    )
+    plan = _plan_checkpoint(Path(src), groups, method, grouping, refine, max_shard_size=max_shard_size)
     src, model, adapter, plans, weight_map = plan.src, plan.model, plan.adapter, plan.layers, plan.weight_map
     method, grouping_fn = plan.method, get_grouping(grouping)
     layout, owner = plan.layout, plan.owners
@@ -435,23 +458,18 @@ def _convert_calibrated(
             f"groups={groups!r}: a checkpoint converted layer by layer takes an int or a per-layer list; "
             "groups='auto' measures every layer first: load the model and use hf_gqa.patch."
         )
-    plan = plan_checkpoint(
-        src,
+    plan = _plan_checkpoint(
+        Path(src),
         groups,
         method,
         grouping,
+        refine,
         max_shard_size=max_shard_size,
         calibrated=True,
         calibration_tokens=calibration_tokens,
         block_size=block_size,
         batch_size=batch_size,
         sequential=sequential,
-        refine_steps=refine.get("steps"),
-        refine_lr=refine.get("lr"),
-        refine_target=refine.get("target"),
-        refine_scope=refine.get("scope"),
-        refine_positions=refine.get("positions"),
-        refine_train=refine.get("train"),
         device=device,
         compute_dtype=compute_dtype,
     )

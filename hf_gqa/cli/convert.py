@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .options import (
+    REFINE_FLAGS,
     CLIError,
     add_conversion_arguments,
     add_model_arguments,
@@ -91,7 +92,7 @@ def _run_on_checkpoint(args: argparse.Namespace) -> int:
 
     options: dict = {"max_shard_size": args.max_shard_size}
     calibrated = args.calibration is not None
-    for name in ("refine_steps", "refine_scope", "refine_positions", "refine_train"):
+    for name in REFINE_FLAGS:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if calibrated:

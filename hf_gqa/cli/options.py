@@ -142,6 +142,11 @@ def load_model_from_args(args: argparse.Namespace, tokenizer: bool = True):
 
 
 # -- the conversion --------------------------------------------------------------------------------------------------
+#: The `--refine-*` options `add_conversion_arguments` defines, as `argparse` destinations; each one given is passed
+#: on under the same name (`hf_gqa.patch`, `hf_gqa.convert_checkpoint`).
+REFINE_FLAGS = ("refine_steps", "refine_scope", "refine_positions", "refine_train")
+
+
 def add_conversion_arguments(parser: argparse.ArgumentParser, merge_default: str | None = None) -> None:
     """How variants are converted, the same in every subcommand: `--merge`, `--grouping`,
     `--calibration` and what refines with it, `--kv-budget`."""
@@ -236,7 +241,7 @@ def conversion_kwargs(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
             calibration_tokens=args.calibration_tokens,
             seed=args.conversion_seed,
         )
-    for name in ("refine_steps", "refine_scope", "refine_positions", "refine_train", "kv_budget"):
+    for name in (*REFINE_FLAGS, "kv_budget"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     return kwargs
