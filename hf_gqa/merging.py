@@ -113,8 +113,9 @@ def _weighted_pca(units: list[torch.Tensor], sigma: torch.Tensor, weights: list[
     vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
     top = vecs[:, vals.argsort(descending=True)[:n]]  # [m n, n]
     merged = top.T @ stacked  # [n, D+1]
-    gram = merged @ sigma @ merged.T
-    maps = [_solve(gram, merged @ sigma @ b.T) for b in units]  # M_u: B_u x~ ~= M_u^T B' x~
+    merged_sigma = merged @ sigma  # [n, D+1], once: each product below reads it
+    gram = merged_sigma @ merged.T
+    maps = [_solve(gram, merged_sigma @ b.T) for b in units]  # M_u: B_u x~ ~= M_u^T B' x~
     return merged, maps
 
 
@@ -134,13 +135,16 @@ def _merge_rotary_keys(keys: torch.Tensor, sigma: torch.Tensor, energy: torch.Te
     Returns:
         merged `[P, D+1]` complex rows and coefficients `c [m, P]` with `k_u,f ~= c_u,f k'_f`.
     """
-    sig = sigma.to(torch.complex128)
     m, pairs, _ = keys.shape
+    # `keys sigma` once, as two real products (sigma is real and symmetric), so that every second moment below
+    # is a product of `[m, D+1]` rows: `E[conj(k_u) k_w] = conj(K_u) . (K_w sigma)`. Per pair, a product with the
+    # complex `[D+1, D+1]` sigma read all of it from memory three times: at D = 3072 that was most of a layer.
+    keys_sigma = torch.complex(keys.real @ sigma, keys.imag @ sigma)  # [m, P, D+1]
     merged = torch.empty(pairs, keys.shape[-1], dtype=keys.dtype, device=keys.device)
     coeff = torch.zeros(m, pairs, dtype=keys.dtype, device=keys.device)
     for f in range(pairs):
-        rows = keys[:, f]  # [m, D+1]
-        gram = rows.conj() @ sig @ rows.T  # E[conj(k_u) k_w]
+        rows, rows_sigma = keys[:, f], keys_sigma[:, f]  # [m, D+1]
+        gram = rows.conj() @ rows_sigma.T  # E[conj(k_u) k_w]
         scale = (
             torch.ones(m, dtype=torch.float64, device=keys.device) if energy is None else energy[:, f].sqrt()
         )
@@ -148,13 +152,15 @@ def _merge_rotary_keys(keys: torch.Tensor, sigma: torch.Tensor, energy: torch.Te
         vals, vecs = torch.linalg.eigh((weighted + weighted.conj().T) / 2)
         w = vecs[:, -1] * scale  # k' = sum_u sqrt(l_u) w_u k_u
         new = (w[:, None] * rows).sum(0)
-        norm = (new.conj() @ sig @ new).real
+        new_sigma = (w[:, None] * rows_sigma).sum(0)
+        norm = (new.conj() @ new_sigma).real
         if norm <= 1e-30:
             merged[f] = rows[0]
             coeff[0, f] = 1
             continue
         merged[f] = new / norm.sqrt()
-        coeff[:, f] = merged[f].conj() @ sig @ rows.T  # least squares: E[conj(k') k_u] / E|k'|^2 (= 1)
+        # least squares: E[conj(k') k_u] / E|k'|^2 (= 1)
+        coeff[:, f] = (new.conj() / norm.sqrt()) @ rows_sigma.T
     return merged, coeff
 
 
