@@ -159,8 +159,7 @@ def _merge_rotary_keys(keys: torch.Tensor, sigma: torch.Tensor, energy: torch.Te
             coeff[0, f] = 1
             continue
         merged[f] = new / norm.sqrt()
-        # least squares: E[conj(k') k_u] / E|k'|^2 (= 1)
-        coeff[:, f] = (new.conj() / norm.sqrt()) @ rows_sigma.T
+        coeff[:, f] = merged[f].conj() @ rows_sigma.T  # least squares: E[conj(k') k_u] / E|k'|^2 (= 1)
     return merged, coeff
 
 
