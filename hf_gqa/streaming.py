@@ -137,6 +137,12 @@ class CheckpointPlan:
         )
 
 
+def _refine_keywords(refine: dict) -> dict:
+    """`{"steps": 10, ...}` (the `Refine` settings `convert_checkpoint` holds) as `plan_checkpoint`'s keywords
+    (`{"refine_steps": 10, ...}`)."""
+    return {f"refine_{name}": value for name, value in refine.items()}
+
+
 def plan_checkpoint(
     src: str | Path,
     groups: int | Sequence[int],
@@ -174,44 +180,10 @@ def plan_checkpoint(
         positions=refine_positions,
         train=refine_train,
     )
-    return _plan_checkpoint(
-        Path(src),
-        groups,
-        method,
-        grouping,
-        refine,
-        max_shard_size=max_shard_size,
-        calibrated=calibrated,
-        calibration_tokens=calibration_tokens,
-        block_size=block_size,
-        batch_size=batch_size,
-        sequential=sequential,
-        device=device,
-        compute_dtype=compute_dtype,
-    )
-
-
-def _plan_checkpoint(
-    src: Path,
-    groups: int | Sequence[int],
-    method: str | ConversionMethod | None,
-    grouping: str,
-    refine: dict,
-    *,
-    max_shard_size: int | str = "1GB",
-    calibrated: bool = False,
-    calibration_tokens: int = 8192,
-    block_size: int = 512,
-    batch_size: int = 4,
-    sequential: bool = True,
-    device: str | torch.device = "cpu",
-    compute_dtype: torch.dtype | None = torch.float32,
-) -> CheckpointPlan:
-    """`plan_checkpoint` with the `Refine` settings as one dict (`{"steps": ..., "lr": ..., ...}`, None for the
-    defaults), as `convert_checkpoint` holds them."""
     from .onload import estimate_onload, planned_tokens
     from .patch import resolve_method
 
+    src = Path(src)
     get_grouping(grouping)
     weight_map = _source_weight_map(src)
     model = empty_model(AutoConfig.from_pretrained(src))
@@ -378,7 +350,9 @@ def convert_checkpoint(
         )
     start = time.perf_counter()
     dst = Path(dst)
-    plan = _plan_checkpoint(Path(src), groups, method, grouping, refine, max_shard_size=max_shard_size)
+    plan = plan_checkpoint(
+        src, groups, method, grouping, max_shard_size=max_shard_size, **_refine_keywords(refine)
+    )
     src, model, adapter, plans, weight_map = plan.src, plan.model, plan.adapter, plan.layers, plan.weight_map
     method, grouping_fn = plan.method, get_grouping(grouping)
     layout, owner = plan.layout, plan.owners
@@ -458,12 +432,11 @@ def _convert_calibrated(
             f"groups={groups!r}: a checkpoint converted layer by layer takes an int or a per-layer list; "
             "groups='auto' measures every layer first: load the model and use hf_gqa.patch."
         )
-    plan = _plan_checkpoint(
-        Path(src),
+    plan = plan_checkpoint(
+        src,
         groups,
         method,
         grouping,
-        refine,
         max_shard_size=max_shard_size,
         calibrated=True,
         calibration_tokens=calibration_tokens,
@@ -472,6 +445,7 @@ def _convert_calibrated(
         sequential=sequential,
         device=device,
         compute_dtype=compute_dtype,
+        **_refine_keywords(refine),
     )
     conversion = resolve_conversion(
         plan,
