@@ -93,6 +93,7 @@ def _build_cache(gguf: Path, folder: Path) -> None:
 
 def load(dtype: torch.dtype = torch.float32):
     """`(model, tokenizer)` of SmolLM2-135M-Instruct, in eval mode (through `hf_gqa.loading`)."""
-    from .loading import DEFAULT_MODEL, load_model, load_tokenizer
+    from .loading import load_model, load_tokenizer
 
-    return load_model(DEFAULT_MODEL, dtype=dtype), load_tokenizer(DEFAULT_MODEL)
+    folder, gguf_file = source()  # once: a cache that cannot be made is not tried again for the tokenizer
+    return load_model(folder, gguf_file, dtype=dtype), load_tokenizer(folder, gguf_file)
