@@ -226,12 +226,14 @@ def measure(size: str, work: Path, paths: list[str], settings: dict, previous: d
         else:
             result["convert_s"] = round(float(inner), 1)
         row[path] = result
-    if "streamed" in paths or "in_memory" in paths:
+    # compared whenever one of the two was run this time (the other may be an earlier run's, still on disk)
+    if ("streamed" in paths or "in_memory" in paths) and "streamed" in row and "in_memory" in row:
         row["tensors_differing"], _ = compare(work, size, "streamed", "in_memory", threads)
         row["streamed_over_in_memory_peak"] = round(
             row["streamed"]["peak_rss_bytes"] / row["in_memory"]["peak_rss_bytes"], 3
         )
-    if "onloaded" in paths and "in_memory_calibrated" in paths:
+    calibrated_pair = ("onloaded", "in_memory_calibrated")
+    if any(p in paths for p in calibrated_pair) and all(p in row for p in calibrated_pair):
         count, worst = compare(work, size, "onloaded", "in_memory_calibrated", threads)
         row["calibrated_tensors_differing"], row["calibrated_max_abs_difference"] = count, worst
         row["onloaded_over_in_memory_time_per_layer"] = round(
@@ -423,7 +425,7 @@ def calibrated_lines(rows: list[dict], settings: dict) -> list[str]:
         met = "met" if o["peak_rss_bytes"] <= target else "not met"
         memory = f"{m['peak_rss_bytes'] / GIB:.2f} GiB" if m else "-"
         per_layer = f"{m['total_s_per_layer']}" if m else "-"
-        ratio = f"{r['onloaded_over_in_memory_time_per_layer']:.2f}" if m else "-"
+        ratio = f"{o['total_s_per_layer'] / m['total_s_per_layer']:.2f}" if m else "-"
         differing = (
             f"{r['calibrated_tensors_differing']} ({r['calibrated_max_abs_difference']:.2g})" if m else "-"
         )

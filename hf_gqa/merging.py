@@ -193,7 +193,9 @@ def _merge_keys(
     pa, pb = rot.pairs() if rot_dim else (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
     rest = torch.arange(rot_dim, d)
     new_keys = torch.empty(groups, d, keys.shape[-1], dtype=keys.dtype, device=keys.device)
-    new_queries = queries.clone()
+    # the maps are folded into `queries` (this function's own float64 copy) in place: a group's query energies are
+    # read before its rotary pairs are rotated, and the non-rotary energies read dimensions the rotation leaves
+    new_queries = queries
     for g in range(groups):
         us = list(range(g * m, (g + 1) * m))
         qs = [queries[u * r : (u + 1) * r] for u in us]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -81,6 +82,20 @@ def _drift_targets(
     return attention_outputs
 
 
+def _release(
+    release_original: Callable[[str], None] | None, attention_name: str, settings: SequentialSettings
+) -> Callable[[], None] | None:
+    """What `_refine_layer` calls once its copy exists: `release_original` of the decoder layer holding
+    `attention_name` or of the attention alone, as `settings` allow (see `sequential_step`)."""
+    if release_original is None:
+        return None
+    if settings.frees_original_layer:
+        return partial(release_original, attention_name.rpartition(".")[0])
+    if settings.frees_original_attention:
+        return partial(release_original, attention_name)
+    return None
+
+
 def _refine_layer(
     layer: nn.Module,
     parent: nn.Module,
@@ -107,6 +122,10 @@ def _refine_layer(
     try:
         path = next(name for name, module in layer.named_modules() if module is new)
         memo = _shared_configs(layer)
+        # the converted attention's own new tensors are the caller's to give away: the copy takes them, not copies
+        # of them (those it shares with the original attention, such as a key norm, are copied as before)
+        originals = {id(t) for t in (*old.parameters(), *old.buffers())}
+        memo.update({id(t): t for t in (*new.parameters(), *new.buffers()) if id(t) not in originals})
         if refine.train == "attention":
             # the MLP and norms stay the original's tensors: refine_module trains what is not shared
             kept = {id(p) for p in new.parameters()}
@@ -250,9 +269,21 @@ class SequentialSettings:
 
     @property
     def frees_original_layer(self) -> bool:
-        """Whether `sequential_step` calls `release_original` before the fit: a sequential run that trains a
-        whole copy of the layer reads nothing of the original layer once the copy exists."""
+        """Whether `sequential_step` releases the original decoder layer's weights before the fit: a sequential
+        run that trains a whole copy of the layer reads nothing of the original layer once the copy exists."""
         return self.sequential and self.trains_layer_copy
+
+    @property
+    def frees_original_attention(self) -> bool:
+        """Whether `sequential_step` releases the original attention's weights before the fit: a sequential
+        layer-scope run that trains the converted attention alone shares the rest of the layer with the original
+        and reads nothing of the original attention once the copy exists."""
+        return (
+            self.sequential
+            and self.refine_steps > 0
+            and self.refine_scope == "layer"
+            and self.refine.train == "attention"
+        )
 
 
 @dataclass
@@ -282,7 +313,7 @@ def sequential_step(
     original_hidden: list[torch.Tensor] | None,
     convert_layer: ConvertLayer,
     settings: SequentialSettings,
-    release_original: Callable[[], None] | None = None,
+    release_original: Callable[[str], None] | None = None,
 ) -> LayerStep:
     """Convert decoder layer `index` (holding `plan.module`) on its captured `calls` (hidden states left out)
     and its input `hidden` (per batch, `[batch, seq, hidden]`): gather the attention input statistics, merge,
@@ -290,9 +321,11 @@ def sequential_step(
     `settings.sequential`, and compute the next layer's input. The one per-layer step of `run_sequential` and of
     the onloaded conversion of checkpoints (`hf_gqa.onload`).
 
-    `release_original`: called as soon as nothing more reads the original layer's weights, which happens before
-    the fit only when a sequential refine trains a whole copy of the layer (the onloaded conversion frees them
-    there, one float32 layer less during the fit); never called otherwise."""
+    `release_original(name)`: called with the name of the module (the decoder layer, or its attention) whose
+    original weights nothing reads any more, once the refine copy exists: the layer when a sequential refine trains
+    a whole copy of it, the attention when it trains the converted attention alone (`SequentialSettings.
+    frees_original_layer`, `frees_original_attention`); never called otherwise. The onloaded conversion frees
+    them there: one float32 layer (or attention) less during the fit."""
     refine_steps, refine_lr = settings.refine_steps, settings.refine_lr
     refine_target, refine_scope = settings.refine_target, settings.refine_scope
     layer_calls = [with_hidden(a, k, h) for (a, k), h in zip(calls, hidden)]
@@ -300,6 +333,8 @@ def sequential_step(
     stats = collect_attention_stats(plan.module, layer, layer_calls, keep_inputs=refine_attention)
     new = convert_layer(plan, stats)
     log = {"layer": index, "tokens": stats.tokens}
+    attention_inputs = stats.inputs
+    del stats  # the merge has read its second moment (`[D+1, D+1]` float64: 0.5 GiB at D = 8192)
     refined_outputs: list[torch.Tensor] = []
     parent_name, _, attr = plan.name.rpartition(".")
     parent = model.get_submodule(parent_name)
@@ -321,7 +356,7 @@ def sequential_step(
             index,
             settings.key_value_inputs,
             refined_outputs,
-            release_original if settings.frees_original_layer else None,
+            _release(release_original, plan.name, settings),
         )
         log.update(fit)
         layers_parent_name, _, layer_attr = plan.name.rpartition(".")[0].rpartition(".")
@@ -339,7 +374,7 @@ def sequential_step(
             fit = refine_module(
                 plan.module,
                 new,
-                stats.inputs,
+                attention_inputs,
                 steps=refine_steps,
                 lr=refine_lr,
                 seed=index,
@@ -347,7 +382,7 @@ def sequential_step(
             )
             log.update(fit)
         swap_parent, swap_attr, old_module, new_module = parent, attr, plan.module, new
-    stats.inputs.clear()
+    attention_inputs.clear()
     if settings.sequential:
         setattr(swap_parent, swap_attr, new_module)
     # a swapped decoder layer is a new object; a swapped attention module lives inside `layer`

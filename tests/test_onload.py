@@ -198,15 +198,18 @@ def test_the_calibrated_plan_states_layers_tokens_and_memory(tmp_path):
     assert estimate.layer_bytes == layer * 4 and estimate.trained_bytes == layer * 4
     assert estimate.activation_bytes == 96 * 64 * 4 and estimate.source_layer_bytes == layer * 2
     # the trained copy, Adam's two moments and the start: 4 layers (the original freed once copied), activations
-    assert estimate.frees_layer and estimate.device_peak_bytes > 4 * estimate.layer_bytes
+    assert (
+        estimate.freed_bytes == estimate.layer_bytes and estimate.device_peak_bytes > 4 * estimate.layer_bytes
+    )
     light = hf_gqa.streaming.plan_checkpoint(
         src, groups=2, calibrated=True, calibration_tokens=100, block_size=32, batch_size=2, refine_steps=5,
         refine_train="attention",
     ).calibrated  # fmt: skip
     assert light.trained_bytes == 4 * 64 * 64 * 4  # the attention's q/k/v/o as read (the plan's upper bound)
-    assert not light.frees_layer  # the MLP is shared with the original layer
+    # the MLP is shared with the original layer; the original attention is freed once copied
+    assert light.freed_bytes == light.trained_bytes
     rest = estimate.device_peak_bytes - 4 * estimate.trained_bytes  # activations and one batch: the same
-    assert light.device_peak_bytes == light.layer_bytes + 4 * light.trained_bytes + rest
+    assert light.device_peak_bytes == light.layer_bytes - light.freed_bytes + 4 * light.trained_bytes + rest
     text = str(plan)
     for words in ("2 decoder layers", "96 calibration tokens", "estimated peak device memory", "host memory"):
         assert words in text, words
@@ -272,14 +275,14 @@ def test_cli_names_remote_code_for_multi_head_families(tmp_path, capsys):
 def test_the_original_layer_is_freed_while_its_copy_fits(train, tmp_path, monkeypatch):
     """Onloaded, a refine that trains a whole copy of the layer fits with the original's weights already freed
     (back on the meta device: one float32 layer less); one that trains the attention alone shares the
-    original's MLP, which must stay."""
+    original's MLP and norms, which must stay, and fits with the original attention's weights freed."""
     import hf_gqa.pipeline
 
-    seen: list[bool] = []
+    seen: list[set[str]] = []
     fit = hf_gqa.pipeline.refine_module
 
     def recording(original, converted, *args, **kwargs):
-        seen.append(all(p.is_meta for p in original.parameters()))
+        seen.append({name for name, p in original.named_parameters() if p.is_meta})
         assert not any(p.is_meta for p in converted.parameters())
         return fit(original, converted, *args, **kwargs)
 
@@ -290,7 +293,9 @@ def test_the_original_layer_is_freed_while_its_copy_fits(train, tmp_path, monkey
         src, dst, groups=2, calibration=calibration_ids(), refine_steps=2, refine_train=train,
         show_progress=False, **CALIB,
     )  # fmt: skip
-    assert seen == [train == "layer"] * 2
+    names = {name for name, _ in tiny_llama(kv=4).model.layers[0].named_parameters()}
+    freed = names if train == "layer" else {n for n in names if n.startswith("self_attn.")}
+    assert freed and seen == [freed] * 2
 
 
 def test_large_allocations_are_mapped_only_during_the_run(monkeypatch):
