@@ -438,7 +438,11 @@ def large_allocations_mapped(during: int = 1 << 20, after: int = 32 << 20) -> It
             mallopt(_M_MMAP_THRESHOLD, after)
 
 
-@large_allocations_mapped()
+#: glibc's mmap threshold during an onloaded run: `low_memory` (what is freed leaves the resident set at once) or
+#: not (allocations up to 32 MiB come from the heap, without a page fault each; see `convert_checkpoint`).
+MMAP_THRESHOLD = {True: 1 << 20, False: 32 << 20}
+
+
 def run_onloaded(
     plan,
     conversion,
@@ -449,10 +453,35 @@ def run_onloaded(
     estimate: OnloadEstimate,
     activations_on_disk_above: int = ACTIVATIONS_ON_DISK_ABOVE,
     show_progress: bool = True,
+    low_memory: bool = True,
 ) -> OnloadResult:
     """Capture the layers' calls on the embeddings alone, then convert decoder layer after decoder layer, each
-    loaded on `device`, converted by `sequential_step`, handed to `writer` and freed; large allocations are
-    mapped directly meanwhile (`large_allocations_mapped`), so what is freed leaves the resident set."""
+    loaded on `device`, converted by `sequential_step`, handed to `writer` and freed; allocations above
+    `MMAP_THRESHOLD[low_memory]` are mapped directly meanwhile (`large_allocations_mapped`)."""
+    with large_allocations_mapped(during=MMAP_THRESHOLD[low_memory]):
+        return _run_layers(
+            plan,
+            conversion,
+            settings,
+            writer,
+            device,
+            compute_dtype,
+            activations_on_disk_above,
+            show_progress,
+        )
+
+
+def _run_layers(
+    plan,
+    conversion,
+    settings: SequentialSettings,
+    writer: ShardWriter,
+    device: str | torch.device,
+    compute_dtype: torch.dtype | None,
+    activations_on_disk_above: int,
+    show_progress: bool,
+) -> OnloadResult:
+    """`run_onloaded`'s work, inside its allocation setting."""
     from .streaming import _release_freed_memory
 
     model, reader, plans = plan.model, writer.reader, plan.layers

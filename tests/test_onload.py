@@ -320,3 +320,35 @@ def test_large_allocations_are_mapped_only_during_the_run(monkeypatch):
     with pytest.raises(RuntimeError), hf_gqa.onload.large_allocations_mapped():
         raise RuntimeError("a failed run")
     assert calls[-1] == (-3, 32 << 20)
+
+
+@pytest.mark.parametrize("low_memory", [True, False])
+def test_low_memory_chooses_the_mmap_threshold_of_the_run(low_memory, tmp_path, monkeypatch):
+    """`convert_checkpoint(low_memory=...)` and `hf-gqa convert --[no-]low-memory` set glibc's mmap threshold for
+    the layer loop: 1 MiB (what is freed leaves at once) or 32 MiB (fewer page faults); the result is the same."""
+    from .tokenizer_fixture import load_tokenizer
+    from .tokenizer_fixture import tiny_llama as tiny_llama_for_tokenizer
+
+    seen: list[int] = []
+    real = hf_gqa.onload.large_allocations_mapped
+
+    def recording(during, **kwargs):
+        seen.append(during)
+        return real(during=during, **kwargs)
+
+    monkeypatch.setattr(hf_gqa.onload, "large_allocations_mapped", recording)
+    src = tmp_path / "src"
+    tiny_llama_for_tokenizer().save_pretrained(src, max_shard_size="4MB")
+    load_tokenizer().save_pretrained(src)
+    text = tmp_path / "corpus.txt"
+    text.write_text(hf_gqa.data.calibration_text()[:4000])
+    flag = "--low-memory" if low_memory else "--no-low-memory"
+    argv = ["convert", "--model", str(src), "--groups", "2", "--calibration", str(text)]
+    argv += ["--calibration-tokens", "256", "--refine-steps", "2"]
+    assert main([*argv, "--out", str(tmp_path / "a"), flag]) == 0
+    assert seen == [(1 << 20) if low_memory else (32 << 20)]
+    other = "--no-low-memory" if low_memory else "--low-memory"
+    assert main([*argv, "--out", str(tmp_path / "b"), other]) == 0
+    assert seen[1] != seen[0]
+    a, b = saved_tensors(tmp_path / "a"), saved_tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

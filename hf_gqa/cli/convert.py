@@ -55,6 +55,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="with a local safetensors folder: print the plan (layers, sizes, calibration tokens, estimated peak "
         "device and host memory) and write nothing",
     )
+    p.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --calibration on a local safetensors folder: keep the host's resident set low at some cost in "
+        "time (the default); --no-low-memory is faster and holds more (3B measured: 10.6 instead of 17.2 s a "
+        "layer, 1.79 instead of 1.25 GiB)",
+    )
     p.add_argument("--seed", dest="conversion_seed", type=int, help=argparse.SUPPRESS)  # older spelling
     p.set_defaults(func=run)
     return p
@@ -111,6 +119,7 @@ def _run_on_checkpoint(args: argparse.Namespace) -> int:
             calibration=read_sources(args.calibration, "calibration"),
             tokenizer=load_tokenizer(args.model),
             seed=args.conversion_seed,
+            low_memory=args.low_memory,
         )
     print(convert_checkpoint(args.model, args.out, args.groups, args.merge, args.grouping, **options))
     print(f"saved to {args.out} (load with {_how_to_load(Path(args.out))})")
