@@ -207,6 +207,12 @@ def compare(work: Path, size: str, a: str, b: str, threads: int) -> tuple[int, f
     return int(count), float(worst)
 
 
+def _compare_now(paths: list[str], row: dict, a: str, b: str) -> bool:
+    """Whether to compare the outputs of paths `a` and `b` now: one of them ran this time (the other may be an
+    earlier run's, still on disk) and the row has both."""
+    return (a in paths or b in paths) and a in row and b in row
+
+
 def measure(size: str, work: Path, paths: list[str], settings: dict, previous: dict | None) -> dict:
     hidden, inter, layers, heads = SIZES[size]
     src = make_checkpoint(size, work)
@@ -237,22 +243,21 @@ def measure(size: str, work: Path, paths: list[str], settings: dict, previous: d
         else:
             result["convert_s"] = round(float(inner), 1)
         row[path] = result
-    # compared whenever one of the two was run this time (the other may be an earlier run's, still on disk)
-    if ("streamed" in paths or "in_memory" in paths) and "streamed" in row and "in_memory" in row:
+    if _compare_now(paths, row, "streamed", "in_memory"):
         row["tensors_differing"], _ = compare(work, size, "streamed", "in_memory", threads)
         row["streamed_over_in_memory_peak"] = round(
             row["streamed"]["peak_rss_bytes"] / row["in_memory"]["peak_rss_bytes"], 3
         )
-    calibrated_pair = ("onloaded", "in_memory_calibrated")
-    if any(p in paths for p in calibrated_pair) and all(p in row for p in calibrated_pair):
+    if _compare_now(paths, row, "onloaded", "in_memory_calibrated"):
         count, worst = compare(work, size, "onloaded", "in_memory_calibrated", threads)
         row["calibrated_tensors_differing"], row["calibrated_max_abs_difference"] = count, worst
         row["onloaded_over_in_memory_time_per_layer"] = round(
             row["onloaded"]["total_s_per_layer"] / row["in_memory_calibrated"]["total_s_per_layer"], 3
         )
-    fast_pair = ("onloaded_fast", "in_memory_calibrated")
-    if any(p in paths for p in fast_pair) and all(p in row for p in fast_pair):
-        row["fast_tensors_differing"], _ = compare(work, size, *fast_pair, threads)
+    if _compare_now(paths, row, "onloaded_fast", "in_memory_calibrated"):
+        row["fast_tensors_differing"], _ = compare(
+            work, size, "onloaded_fast", "in_memory_calibrated", threads
+        )
     onloaded = [p for p in ONLOADED_PATHS if p in row]
     if onloaded:
         row["calibration_activation_bytes"] = row[onloaded[0]]["estimate"]["activation_bytes"]
@@ -483,15 +488,12 @@ def light_lines(rows: list[dict], settings: dict) -> list[str]:
         a, o = r["onloaded_attention"], r.get("onloaded")
         target = r["onloaded_target_bytes"]
         met = "met" if a["peak_rss_bytes"] <= target else "not met"
+        default = f"{o['peak_rss_bytes'] / GIB:.2f} GiB | {o['seconds_per_layer']}" if o else "- | -"
         lines.append(
             f"| {r['size']} | {r['checkpoint_bytes'] / GIB:.2f} GiB | {a['peak_rss_bytes'] / GIB:.2f} GiB "
             f"({a['peak_rss_over_checkpoint']:.0%}) | {target / GIB:.2f} GiB: {met} | "
             f"{a['estimate']['host_estimate'] / GIB:.2f} GiB | {a['seconds_per_layer']} / {a['total_s_per_layer']} | "
-            f"{o['peak_rss_bytes'] / GIB:.2f} GiB | {o['seconds_per_layer']} |"
-            if o
-            else f"| {r['size']} | {r['checkpoint_bytes'] / GIB:.2f} GiB | {a['peak_rss_bytes'] / GIB:.2f} GiB | "
-            f"{target / GIB:.2f} GiB: {met} | {a['estimate']['host_estimate'] / GIB:.2f} GiB | "
-            f"{a['seconds_per_layer']} / {a['total_s_per_layer']} | - | - |"
+            f"{default} |"
         )
     return lines
 
@@ -516,17 +518,16 @@ def fast_lines(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         f, m, o = r["onloaded_fast"], r.get("in_memory_calibrated"), r.get("onloaded")
-        ratio = f"{f['total_s_per_layer'] / m['total_s_per_layer']:.2f}" if m else "-"
+        in_memory = (
+            f"{m['total_s_per_layer']} | {f['total_s_per_layer'] / m['total_s_per_layer']:.2f}"
+            if m
+            else "- | -"
+        )
+        default = f"{o['peak_rss_bytes'] / GIB:.2f} GiB | {o['total_s_per_layer']}" if o else "- | -"
         lines.append(
             f"| {r['size']} | {r['checkpoint_bytes'] / GIB:.2f} GiB | {f['peak_rss_bytes'] / GIB:.2f} GiB "
             f"({f['peak_rss_over_checkpoint']:.0%}) | {f['seconds_per_layer']} / {f['total_s_per_layer']} | "
-            f"{m['total_s_per_layer'] if m else '-'} | {ratio} | "
-            f"{o['peak_rss_bytes'] / GIB:.2f} GiB | {o['total_s_per_layer']} | "
-            f"{r.get('fast_tensors_differing', '-')} |"
-            if o
-            else f"| {r['size']} | {r['checkpoint_bytes'] / GIB:.2f} GiB | {f['peak_rss_bytes'] / GIB:.2f} GiB | "
-            f"{f['seconds_per_layer']} / {f['total_s_per_layer']} | {m['total_s_per_layer'] if m else '-'} | "
-            f"{ratio} | - | - | {r.get('fast_tensors_differing', '-')} |"
+            f"{in_memory} | {default} | {r.get('fast_tensors_differing', '-')} |"
         )
     return lines
 

@@ -193,9 +193,9 @@ def _merge_keys(
     pa, pb = rot.pairs() if rot_dim else (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
     rest = torch.arange(rot_dim, d)
     new_keys = torch.empty(groups, d, keys.shape[-1], dtype=keys.dtype, device=keys.device)
-    # the maps are folded into `queries` (this function's own float64 copy) in place: a group's query energies are
-    # read before its rotary pairs are rotated, and the non-rotary energies read dimensions the rotation leaves
-    new_queries = queries
+    # the maps are folded into `queries` (this function's own float64 copy, `qs` views of it) in place: a group's
+    # query energies are read before its rotary pairs are rotated, and the non-rotary energies read dimensions the
+    # rotation leaves
     for g in range(groups):
         us = list(range(g * m, (g + 1) * m))
         qs = [queries[u * r : (u + 1) * r] for u in us]
@@ -212,8 +212,8 @@ def _merge_keys(
                 merged, coeff = _merge_rotary_keys(kc, sigma, energy)
             new_keys[g, pa], new_keys[g, pb] = merged.real, merged.imag
             for i, u in enumerate(us):
-                new_queries[u * r : (u + 1) * r] = _rotate_query_pairs(
-                    new_queries[u * r : (u + 1) * r], pa, pb, coeff[i]
+                queries[u * r : (u + 1) * r] = _rotate_query_pairs(
+                    queries[u * r : (u + 1) * r], pa, pb, coeff[i]
                 )
         if len(rest):
             blocks = [keys[u][rest] for u in us]
@@ -224,9 +224,9 @@ def _merge_keys(
                 merged, maps = _weighted_pca(blocks, sigma, energy)
             new_keys[g][rest] = merged
             for i, u in enumerate(us):  # q' = M_u q on these dims
-                sl = new_queries[u * r : (u + 1) * r]
+                sl = queries[u * r : (u + 1) * r]
                 sl[:, rest] = torch.einsum("nm,rmd->rnd", maps[i], sl[:, rest])
-    return new_keys, new_queries
+    return new_keys, queries
 
 
 def _merge_values(
