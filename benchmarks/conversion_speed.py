@@ -13,7 +13,8 @@ articles, both never used for calibration:
 A setting is `key=value` pairs joined by commas: `steps` (refine steps per layer), `tokens` (calibration
 tokens), `block` (tokens per calibration block), `lr` (refine rate), `pos` (token positions each refine step is
 scored on, `Refine(positions=...)`; all of them when absent), `train` (`layer` or `attention`: which parameters
-a layer-scope refine trains, `Refine(train=...)`). Results:
+a layer-scope refine trains, `Refine(train=...)`), `warmup` (steps over which the rate rises to `lr`,
+`Refine(warmup=...)`). Results:
 `benchmarks/results/conversion_speed.{md,json}` (rows of a run replace those of earlier runs with the same
 setting).
 """
@@ -42,7 +43,7 @@ def parse_setting(text: str) -> dict[str, float | int | str]:
     out: dict[str, float | int | str] = {}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
-        if key not in {"steps", "tokens", "block", "lr", "pos", "train"}:
+        if key not in {"steps", "tokens", "block", "lr", "pos", "train", "warmup"}:
             raise SystemExit(f"unknown setting {key!r} in {text!r}")
         if key == "train":
             out[key] = value
@@ -61,6 +62,7 @@ def convert(model, tokenizer, setting: dict) -> tuple[float, float]:
         lr=float(setting.get("lr", 3e-4)),
         positions=int(setting["pos"]) if "pos" in setting else None,
         train=str(setting.get("train", "layer")),
+        warmup=int(setting.get("warmup", 0)),
     )
     wall, cpu = time.perf_counter(), time.process_time()
     hf_gqa.patch(

@@ -90,9 +90,13 @@ class Refine(ConversionMethod):
     block (`scope="attention"`) or a copy of its whole decoder layer (`scope="layer"`) to the original's output
     on the calibration data (`target`, see `REFINE_TARGETS`). A fit that ends worse than it started is undone.
     `train="attention"` trains only the converted attention inside the layer copy (see `REFINE_TRAINS`).
-    Each step fits one calibration sequence scored on `positions` of its token positions drawn at random (all of
-    them with `positions=None`); the layer then computes only those positions, keys and values excepted
-    (`hf_gqa.refine.PositionSubset`), so a step costs about `positions / block_size` of a full one.
+    Each step fits one calibration sequence scored on `positions` of its token positions (all of them with
+    `positions=None`): the first, where decoder models keep an attention sink, and the others drawn at random,
+    weighted so that the step's error estimates the whole sequence's; the layer then computes only those
+    positions, keys and values excepted (`hf_gqa.refine.PositionSubset`), so a step costs about
+    `positions / block_size` of a full one. `warmup` steps raise the rate linearly to `lr` first (Adam's first
+    steps move every weight by about the rate at once): with it, fewer steps at a higher rate converge (the main
+    job: 60 steps at 4.5e-4 with 10 of warmup against 100 at 3e-4).
 
     With `steps=0` it is `init` alone.
     """
@@ -104,6 +108,7 @@ class Refine(ConversionMethod):
     init: str | Merge = "score"
     positions: int | None = None
     train: str = "layer"
+    warmup: int = 0
     name: ClassVar[str] = "refine"
     needs_calibration: ClassVar[bool] = True
 
@@ -112,6 +117,14 @@ class Refine(ConversionMethod):
             raise GQAError(f"refine steps must be an int >= 0, got {self.steps!r}.")
         if not isinstance(self.lr, (int, float)) or self.lr <= 0:
             raise GQAError(f"refine lr must be a positive number, got {self.lr!r}.")
+        if (
+            isinstance(self.warmup, bool)
+            or not isinstance(self.warmup, int)
+            or not 0 <= self.warmup <= self.steps
+        ):
+            raise GQAError(
+                f"refine warmup must be an int from 0 to steps ({self.steps}), got {self.warmup!r}."
+            )
         if self.target not in REFINE_TARGETS:
             raise GQAError(f"refine target must be one of {REFINE_TARGETS}, got {self.target!r}.")
         if self.scope not in REFINE_SCOPES:

@@ -84,6 +84,7 @@ def patch(
     refine_scope: str | None = None,
     refine_positions: int | None = None,
     refine_train: str | None = None,
+    refine_warmup: int | None = None,
 ) -> PreTrainedModel:
     """Convert `model`'s attention to GQA with `groups` key/value heads, in place, and return it.
 
@@ -109,8 +110,9 @@ def patch(
             minimise the summed output error of the converted attention blocks (see `hf_gqa.budget`).
         attn_implementation: attention implementation to set after conversion. By default a model on `"sdpa"`
             moves to `"hf_gqa_sdpa"` (identical numerics, no K/V copies for padded batches on CPU).
-        refine_steps, refine_lr, refine_target, refine_scope, refine_positions, refine_train: the short spelling
-            of `method=Refine(steps=..., lr=..., target=..., scope=..., positions=..., train=...)` (see
+        refine_steps, refine_lr, refine_target, refine_scope, refine_positions, refine_train, refine_warmup: the
+            short spelling of `method=Refine(steps=..., lr=..., target=..., scope=..., positions=..., train=...,
+            warmup=...)` (see
             `hf_gqa.methods.Refine`); `refine_steps` with another merge refines from that merge
             (`merge="mean", refine_steps=100`).
 
@@ -136,6 +138,7 @@ def patch(
             scope=refine_scope,
             positions=refine_positions,
             train=refine_train,
+            warmup=refine_warmup,
         ),
         dict(tokens=calibration_tokens, block_size=block_size, seed=seed),
         batch_size,

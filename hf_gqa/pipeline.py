@@ -144,6 +144,7 @@ def _refine_layer(
         layer_calls,
         steps=refine.steps,
         lr=refine.lr,
+        warmup=refine.warmup,
         seed=seed,
         targets=targets,
         positions=refine.positions,

@@ -161,6 +161,7 @@ def plan_checkpoint(
     refine_scope: str | None = None,
     refine_positions: int | None = None,
     refine_train: str | None = None,
+    refine_warmup: int | None = None,
     device: str | torch.device = "cpu",
     compute_dtype: torch.dtype | None = torch.float32,
 ) -> CheckpointPlan:
@@ -179,6 +180,7 @@ def plan_checkpoint(
         scope=refine_scope,
         positions=refine_positions,
         train=refine_train,
+        warmup=refine_warmup,
     )
     from .onload import estimate_onload, planned_tokens
     from .patch import resolve_method
@@ -284,6 +286,7 @@ def convert_checkpoint(
     refine_scope: str | None = None,
     refine_positions: int | None = None,
     refine_train: str | None = None,
+    refine_warmup: int | None = None,
     device: str | torch.device = "cpu",
     compute_dtype: torch.dtype | None = torch.float32,
     activations_on_disk_above: int | None = None,
@@ -332,6 +335,7 @@ def convert_checkpoint(
         scope=refine_scope,
         positions=refine_positions,
         train=refine_train,
+        warmup=refine_warmup,
     )
     if calibration is not None:
         return _convert_calibrated(

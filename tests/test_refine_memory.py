@@ -169,3 +169,6 @@ def test_every_converting_command_takes_refine_train(command):
     assert conversion_kwargs(args, tokenizer=None)["refine_train"] == "attention"
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--model", "smollm2", "--groups", "1", "--refine-train", "mlp"])
+    args = build_parser().parse_args([*argv, "--refine-warmup", "10", "--refine-lr", "4.5e-4"])
+    kwargs = conversion_kwargs(args, tokenizer=None)
+    assert kwargs["refine_warmup"] == 10 and kwargs["refine_lr"] == 4.5e-4

@@ -4,15 +4,24 @@ excepted), and must give exactly the full layer's outputs and gradients there, o
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
 import hf_gqa
+from hf_gqa.errors import GQAError
 from hf_gqa.methods import Refine
 from hf_gqa.patch import _adapter_for
 from hf_gqa.pipeline import capture_all_layer_calls
-from hf_gqa.refine import ROWS_ATTENTION, PositionSubset, call_output
+from hf_gqa.refine import (
+    ROWS_ATTENTION,
+    PositionSubset,
+    _grouped_sdpa,
+    _schedule,
+    _scored_positions,
+    call_output,
+)
 
 from .cases import all_cases
 from .test_strategies import blocks_folding
@@ -79,6 +88,8 @@ def test_subset_attends_from_the_scored_queries_only_on_sdpa():
     names = {n for n, m in layer.named_modules() if any(m is s for s in subset.modules)}
     assert not any(n.endswith(("k_proj", "v_proj")) for n in names)
     assert any(n.endswith("q_proj") for n in names) and any(n.endswith("o_proj") for n in names)
+    # the MLP is restricted as one block (its activations on the scored rows only), not projection by projection
+    assert "mlp" in names and not any(n.startswith("mlp.") for n in names)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -119,3 +130,82 @@ def test_refined_layers_share_the_model_config():
     for layer in model.model.layers:
         assert layer.self_attn.config is model.config
         assert layer.self_attn.config._attn_implementation == "hf_gqa_sdpa"
+
+
+def test_scored_positions_keep_the_first_and_estimate_the_whole_sequence():
+    """The first position is always scored; the others are drawn without repeats and weighted by the inverse of
+    their chance of being drawn, so that the weighted error of a step is unbiased for the whole sequence's."""
+    length, positions, draws = 16, 5, 4000
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(length)
+    error = torch.rand(length, generator=torch.Generator().manual_seed(1))  # one fixed error per position
+    estimate = 0.0
+    for _ in range(draws):
+        picked, weights = _scored_positions(length, positions, g)
+        assert picked[0] == 0 and torch.equal(picked, picked.unique(sorted=True)) and len(picked) == positions
+        assert weights[0] == 1 and torch.allclose(weights[1:], torch.tensor((length - 1) / (positions - 1)))
+        counts[picked] += 1
+        estimate += float((error[picked] * weights).sum()) / draws
+    assert counts[0] == draws
+    torch.testing.assert_close(counts[1:] / draws, torch.full((length - 1,), 4 / 15), atol=0.03, rtol=0)
+    assert abs(estimate - float(error.sum())) < 0.02 * float(error.sum())
+
+
+@pytest.mark.parametrize("kv_heads", [1, 3, 9])
+@pytest.mark.parametrize("mask_dims", [2, 4])
+def test_grouped_sdpa_equals_sdpa_with_gqa(kv_heads, mask_dims):
+    """Stacking the query heads of a key head into one is the same attention, outputs and gradients."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.tensor([0, 3, 4, 9, 15])
+    query = torch.randn(2, 9, len(rows), 8, generator=g, requires_grad=True)
+    key = torch.randn(2, kv_heads, 16, 8, generator=g, requires_grad=True)
+    value = torch.randn(2, kv_heads, 16, 8, generator=g, requires_grad=True)
+    mask = torch.arange(16)[None, :] <= rows[:, None]
+    if mask_dims == 4:
+        mask = mask[None, None].expand(2, 1, -1, -1)
+
+    def run(fn):
+        for t in (query, key, value):
+            t.grad = None
+        out = fn()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), [t.grad.clone() for t in (query, key, value)]
+
+    expected = run(
+        lambda: torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=0.3, enable_gqa=True
+        )
+    )
+    got = run(lambda: _grouped_sdpa(query, key, value, mask, 0.3))
+    torch.testing.assert_close(got[0], expected[0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(got[1], expected[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_warmup_schedule_rises_then_follows_the_cosine():
+    def rates(steps: int, warmup: int) -> list[float]:
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = _schedule(optimizer, steps, warmup)
+        out = []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    cosine = [0.5 * (1 + math.cos(math.pi * t / 20)) for t in range(20)]
+    torch.testing.assert_close(torch.tensor(rates(20, 0)), torch.tensor(cosine), atol=1e-9, rtol=0)
+    warm = rates(20, 4)
+    torch.testing.assert_close(
+        torch.tensor(warm),
+        torch.tensor([min(1, (t + 1) / 4) * c for t, c in enumerate(cosine)]),
+        atol=1e-9,
+        rtol=0,
+    )
+    assert warm[0] == pytest.approx(0.25) and max(warm) == warm[3]
+
+
+@pytest.mark.parametrize("warmup", [-1, 11, 2.5, True])
+def test_refine_refuses_a_warmup_outside_its_steps(warmup):
+    with pytest.raises(GQAError, match="warmup"):
+        Refine(steps=10, warmup=warmup)

@@ -319,7 +319,10 @@ def test_teacher_kl_zero_for_itself_positive_for_original(case, tmp_path):
 
     original = zero_dropout(case.make())
     kl, lm, loss = _distill_terms(student, original, tmp_path)
-    assert kl > 0
+    if case.groups[-1] == case.kv_heads:  # nothing to merge (an MQA model kept at 1 KV head): the same function
+        assert abs(kl) < 1e-6
+    else:
+        assert kl > 1e-6
     assert original.training is False
     assert loss.requires_grad
     # Total = LM loss + distill_weight * KL (same normalisation for both terms here: one batch, one process).

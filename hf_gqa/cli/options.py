@@ -144,7 +144,14 @@ def load_model_from_args(args: argparse.Namespace, tokenizer: bool = True):
 # -- the conversion --------------------------------------------------------------------------------------------------
 #: The `--refine-*` options `add_conversion_arguments` defines, as `argparse` destinations; each one given is passed
 #: on under the same name (`hf_gqa.patch`, `hf_gqa.convert_checkpoint`).
-REFINE_FLAGS = ("refine_steps", "refine_scope", "refine_positions", "refine_train")
+REFINE_FLAGS = (
+    "refine_steps",
+    "refine_lr",
+    "refine_scope",
+    "refine_positions",
+    "refine_train",
+    "refine_warmup",
+)
 
 
 def add_conversion_arguments(parser: argparse.ArgumentParser, merge_default: str | None = None) -> None:
@@ -176,6 +183,7 @@ def add_conversion_arguments(parser: argparse.ArgumentParser, merge_default: str
         "--conversion-seed", type=int, default=0, help="calibration sampling and refinement seed (default 0)"
     )
     group.add_argument("--refine-steps", type=int, default=None, help="refine steps per layer (default 100)")
+    group.add_argument("--refine-lr", type=float, default=None, help="refine's peak Adam rate (default 3e-4)")
     group.add_argument(
         "--refine-positions",
         type=int,
@@ -195,6 +203,13 @@ def add_conversion_arguments(parser: argparse.ArgumentParser, merge_default: str
         default=None,
         help="with layer scope, train every parameter of the layer (default) or only the converted attention, "
         "the MLP frozen: less memory (no optimizer state for the MLP) and cheaper steps",
+    )
+    group.add_argument(
+        "--refine-warmup",
+        type=int,
+        default=None,
+        help="refine steps over which the rate rises linearly to its peak before the cosine decay (default 0; "
+        "fewer steps converge with a warmup, see examples/quickstart.py)",
     )
     group.add_argument(
         "--kv-budget", type=float, default=None, help="with --groups auto: KV bytes to keep (0-1]"
