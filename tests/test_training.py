@@ -319,7 +319,9 @@ def test_teacher_kl_zero_for_itself_positive_for_original(case, tmp_path):
 
     original = zero_dropout(case.make())
     kl, lm, loss = _distill_terms(student, original, tmp_path)
-    if case.groups[-1] == case.kv_heads:  # nothing to merge (an MQA model kept at 1 KV head): the same function
+    if (
+        case.groups[-1] == case.kv_heads
+    ):  # nothing to merge (an MQA model kept at 1 KV head): the same function
         assert abs(kl) < 1e-6
     else:
         assert kl > 1e-6
