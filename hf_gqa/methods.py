@@ -96,7 +96,8 @@ class Refine(ConversionMethod):
     positions, keys and values excepted (`hf_gqa.refine.PositionSubset`), so a step costs about
     `positions / block_size` of a full one. `warmup` steps raise the rate linearly to `lr` first (Adam's first
     steps move every weight by about the rate at once): with it, fewer steps at a higher rate converge (the main
-    job: 60 steps at 4.5e-4 with 10 of warmup against 100 at 3e-4).
+    job: 70 steps at 4e-4 with 10 of warmup, 20% fewer CPU-seconds than 100 at 3e-4, 2.33x instead of 2.22x the
+    original's held-out paragraph perplexity on SmolLM2).
 
     With `steps=0` it is `init` alone.
     """
