@@ -209,3 +209,22 @@ def test_warmup_schedule_rises_then_follows_the_cosine():
 def test_refine_refuses_a_warmup_outside_its_steps(warmup):
     with pytest.raises(GQAError, match="warmup"):
         Refine(steps=10, warmup=warmup)
+
+
+def test_refine_warmup_reaches_the_fit_from_patch_keywords():
+    """`refine_warmup=` / `refine_lr=` are `Refine(warmup=, lr=)`, and a warmup changes the fit (it is not ignored)."""
+    case = next(c for c in CASES if c.name == "llama-mha")
+    original = case.make()
+    calibration = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(5))
+    kw = dict(calibration=calibration, calibration_tokens=256, block_size=64, show_progress=False)
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
+
+    def logits(**options) -> torch.Tensor:
+        model = hf_gqa.patch(copy.deepcopy(original), groups=2, **kw, **options)
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    by_keywords = logits(refine_steps=6, refine_warmup=3, refine_lr=1e-3, refine_positions=16)
+    by_method = logits(method=Refine(steps=6, warmup=3, lr=1e-3, positions=16))
+    assert torch.equal(by_keywords, by_method)
+    assert not torch.equal(by_keywords, logits(method=Refine(steps=6, lr=1e-3, positions=16)))
