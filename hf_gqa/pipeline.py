@@ -378,6 +378,7 @@ def sequential_step(
                 attention_inputs,
                 steps=refine_steps,
                 lr=refine_lr,
+                warmup=settings.refine.warmup,
                 seed=index,
                 targets=targets,
             )

@@ -384,10 +384,13 @@ def _scored_positions(
     from a few layers in, decoder models keep a large share of the hidden states' energy there, an attention
     sink, and a fit that sees it in only some steps breaks it) and `positions - 1` of the others drawn at random
     (weight `(length - 1) / (positions - 1)` each), so that the weighted error is an unbiased estimate of the whole
-    sequence's. Returns `(picked [positions] sorted, weights [positions])`."""
+    sequence's. A single position is one drawn at random, weighted `length` (always the first would leave every
+    other position unscored). Returns `(picked [positions] sorted, weights [positions])`."""
+    if positions < 2:
+        return torch.randint(length, (1,), generator=generator), torch.full((1,), float(length))
     others = torch.randperm(length - 1, generator=generator)[: positions - 1].sort().values + 1
     picked = torch.cat([others.new_zeros(1), others])
-    weights = torch.full((positions,), (length - 1) / max(positions - 1, 1))
+    weights = torch.full((positions,), (length - 1) / (positions - 1))
     weights[0] = 1.0
     return picked, weights
 

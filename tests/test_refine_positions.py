@@ -147,6 +147,12 @@ def test_scored_positions_keep_the_first_and_estimate_the_whole_sequence():
         counts[picked] += 1
         estimate += float((error[picked] * weights).sum()) / draws
     assert counts[0] == draws
+    single = torch.zeros(length)
+    for _ in range(draws):  # one position: drawn at random (the first alone would leave the others unscored)
+        picked, weights = _scored_positions(length, 1, g)
+        assert len(picked) == 1 and weights.tolist() == [float(length)]
+        single[picked] += 1
+    assert single.min() > 0 and single[0] < draws / 4
     torch.testing.assert_close(counts[1:] / draws, torch.full((length - 1,), 4 / 15), atol=0.03, rtol=0)
     assert abs(estimate - float(error.sum())) < 0.02 * float(error.sum())
 
@@ -228,3 +234,19 @@ def test_refine_warmup_reaches_the_fit_from_patch_keywords():
     by_method = logits(method=Refine(steps=6, warmup=3, lr=1e-3, positions=16))
     assert torch.equal(by_keywords, by_method)
     assert not torch.equal(by_keywords, logits(method=Refine(steps=6, lr=1e-3, positions=16)))
+
+
+def test_attention_scope_refine_takes_its_warmup():
+    case = next(c for c in CASES if c.name == "llama-mha")
+    original = case.make()
+    calibration = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(5))
+    kw = dict(calibration=calibration, calibration_tokens=256, block_size=64, show_progress=False)
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
+
+    def logits(method: Refine) -> torch.Tensor:
+        model = hf_gqa.patch(copy.deepcopy(original), groups=2, method=method, **kw)
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    warm = logits(Refine(steps=6, lr=1e-3, warmup=3, scope="attention"))
+    assert not torch.equal(warm, logits(Refine(steps=6, lr=1e-3, scope="attention")))
