@@ -78,24 +78,38 @@ def augment(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([w, bias.unsqueeze(-1)], dim=-1)
 
 
-def _split_augmented(aug: torch.Tensor, like_w: torch.Tensor, like_b: torch.Tensor | None):
-    w = aug[..., :-1].to(like_w.dtype)
-    b = None if like_b is None else aug[..., -1].to(like_b.dtype)
-    return w, b
+class one_thread:
+    """Context: torch on one CPU thread. The activation-aware merges factor matrices of a few hundred rows
+    (`eigh`, `solve`), which LAPACK runs slower on two threads than on one, by 10-200x when other processes share
+    the cores (measured: `eigh` of a 192 x 192 float64 matrix, 15 ms on one thread, 3.4 s on two)."""
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.threads)
+
+
+def _eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.linalg.eigh` on one thread (`one_thread`)."""
+    with one_thread():
+        return torch.linalg.eigh(a)
 
 
 def _sqrtm(c: torch.Tensor) -> torch.Tensor:
     """Symmetric PSD square root of `[n, n]`."""
-    vals, vecs = torch.linalg.eigh((c + c.T) / 2)
+    vals, vecs = _eigh((c + c.T) / 2)
     return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
 
 
 def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """`gram^-1 rhs` with a small ridge for rank-deficient `gram`."""
     ridge = 1e-9 * gram.diagonal().abs().mean().clamp(min=1e-30)
-    return torch.linalg.solve(
-        gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), rhs
-    )
+    with one_thread():
+        return torch.linalg.solve(
+            gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), rhs
+        )
 
 
 def _weighted_pca(units: list[torch.Tensor], sigma: torch.Tensor, weights: list[torch.Tensor] | None):
@@ -110,7 +124,7 @@ def _weighted_pca(units: list[torch.Tensor], sigma: torch.Tensor, weights: list[
     roots = [eye] * len(units) if weights is None else [_sqrtm(c) for c in weights]
     stacked = torch.cat([r @ b for r, b in zip(roots, units)], dim=0)  # [m n, D+1]
     cov = stacked @ sigma @ stacked.T
-    vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
+    vals, vecs = _eigh((cov + cov.T) / 2)
     top = vecs[:, vals.argsort(descending=True)[:n]]  # [m n, n]
     merged = top.T @ stacked  # [n, D+1]
     merged_sigma = merged @ sigma  # [n, D+1], once: each product below reads it
@@ -149,7 +163,7 @@ def _merge_rotary_keys(keys: torch.Tensor, sigma: torch.Tensor, energy: torch.Te
             torch.ones(m, dtype=torch.float64, device=keys.device) if energy is None else energy[:, f].sqrt()
         )
         weighted = gram * scale[:, None] * scale[None, :]
-        vals, vecs = torch.linalg.eigh((weighted + weighted.conj().T) / 2)
+        vals, vecs = _eigh((weighted + weighted.conj().T) / 2)
         w = vecs[:, -1] * scale  # k' = sum_u sqrt(l_u) w_u k_u
         new = (w[:, None] * rows).sum(0)
         new_sigma = (w[:, None] * rows_sigma).sum(0)
@@ -175,86 +189,121 @@ def _rotate_query_pairs(
     return out
 
 
+def _row_energy(heads: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """`E[(b x~)^2]` of every row `b` of augmented heads `[n, d, D+1]` -> `[n, d]` (one product with `sigma`)."""
+    flat = heads.reshape(-1, heads.shape[-1])
+    return ((flat @ sigma) * flat).sum(-1).reshape(heads.shape[:2])
+
+
 def _query_energy(q: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """`E[q q^T]` of augmented query heads `[r, n, D+1]`, summed over the heads -> `[n, n]`."""
     return torch.einsum("rnd,de,rme->nm", q, sigma, q)
 
 
+def _rows(t: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    """Heads `lo:hi` of a per-head tensor `[n, ...]`, or None."""
+    return None if t is None else t[lo:hi]
+
+
+def _store(aug: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """Write augmented heads `aug [n, d, D+1]` (float64) into weights `w [n, d, D]` and bias `b [n, d]` (each
+    in its own dtype)."""
+    w.copy_(aug[..., :-1])
+    if b is not None:
+        b.copy_(aug[..., -1])
+
+
+def _new_like(t: torch.Tensor | None, heads: int | None = None) -> torch.Tensor | None:
+    """An uninitialised tensor like `t` (`[n, ...]`), with `heads` rows instead of `n` when given."""
+    if t is None:
+        return None
+    return t.new_empty((heads if heads is not None else t.shape[0], *t.shape[1:]))
+
+
 def _merge_keys(
     weights: AttentionWeights, groups: int, sigma: torch.Tensor, score_aware: bool, procrustes: bool
-):
-    """Merged augmented keys `[G, d, D+1]` and the augmented queries with each group's maps folded in."""
-    keys = augment(weights.k, weights.k_bias)
-    queries = augment(weights.q, weights.q_bias)
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Merged keys `k [G, d, D]`, `k_bias [G, d]` and the queries with each group's maps folded in, `q [H, d, D]`,
+    `q_bias [H, d]` (biases None where the weights have none), in the weights' dtypes.
+
+    One group at a time: only that group's `m` key heads and `m r` query heads are held in float64
+    (`[m, d, D+1]`, `[m r, d, D+1]`), not the whole layer's (at D = 3072, 24 heads: 0.15 GiB less at the peak)."""
     units, heads, d = weights.num_kv_heads, weights.num_heads, weights.head_dim
     m, r = units // groups, heads // units
     rot = weights.rotary
     rot_dim = 0 if rot is None or weights.extras.get("no_rotary") else rot.rotary_dim
     pa, pb = rot.pairs() if rot_dim else (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
     rest = torch.arange(rot_dim, d)
-    new_keys = torch.empty(groups, d, keys.shape[-1], dtype=keys.dtype, device=keys.device)
-    # the maps are folded into `queries` (this function's own float64 copy, `qs` views of it) in place: a group's
-    # query energies are read before its rotary pairs are rotated, and the non-rotary energies read dimensions the
-    # rotation leaves
+    k, k_bias = _new_like(weights.k, groups), _new_like(weights.k_bias, groups)
+    q, q_bias = _new_like(weights.q), _new_like(weights.q_bias)
     for g in range(groups):
-        us = list(range(g * m, (g + 1) * m))
-        qs = [queries[u * r : (u + 1) * r] for u in us]
+        keys = augment(weights.k[g * m : (g + 1) * m], _rows(weights.k_bias, g * m, (g + 1) * m))
+        lo, hi = g * m * r, (g + 1) * m * r
+        # the maps are folded into `queries` (this group's own float64 copy, `qs` views of it) in place: its query
+        # energies are read before its rotary pairs are rotated, and the non-rotary energies read dimensions the
+        # rotation leaves
+        queries = augment(weights.q[lo:hi], _rows(weights.q_bias, lo, hi))
+        qs = [queries[i * r : (i + 1) * r] for i in range(m)]
+        new_key = torch.empty(d, keys.shape[-1], dtype=keys.dtype, device=keys.device)
         if rot_dim:
-            kc = _complex_pairs(keys[us], pa, pb)  # [m, P, D+1]
+            kc = _complex_pairs(keys, pa, pb)  # [m, P, D+1]
             if procrustes:
                 merged, coeff = _procrustes_rotary(kc, sigma)
             else:
                 energy = None
                 if score_aware:
-                    qa = torch.stack([_query_energy(q[:, pa], sigma).diagonal() for q in qs])
-                    qb = torch.stack([_query_energy(q[:, pb], sigma).diagonal() for q in qs])
-                    energy = qa + qb
+                    rows = torch.stack([_row_energy(q_u, sigma).sum(0) for q_u in qs])  # [m, d]
+                    energy = rows[:, pa] + rows[:, pb]
                 merged, coeff = _merge_rotary_keys(kc, sigma, energy)
-            new_keys[g, pa], new_keys[g, pb] = merged.real, merged.imag
-            for i, u in enumerate(us):
-                queries[u * r : (u + 1) * r] = _rotate_query_pairs(
-                    queries[u * r : (u + 1) * r], pa, pb, coeff[i]
+            del kc
+            new_key[pa], new_key[pb] = merged.real, merged.imag
+            for i in range(m):
+                queries[i * r : (i + 1) * r] = _rotate_query_pairs(
+                    queries[i * r : (i + 1) * r], pa, pb, coeff[i]
                 )
         if len(rest):
-            blocks = [keys[u][rest] for u in us]
+            blocks = [keys[i][rest] for i in range(m)]
             if procrustes:
                 merged, maps = _procrustes(blocks, sigma)
             else:
-                energy = [_query_energy(q[:, rest], sigma) for q in qs] if score_aware else None
+                energy = [_query_energy(q_u[:, rest], sigma) for q_u in qs] if score_aware else None
                 merged, maps = _weighted_pca(blocks, sigma, energy)
-            new_keys[g][rest] = merged
-            for i, u in enumerate(us):  # q' = M_u q on these dims
-                sl = queries[u * r : (u + 1) * r]
+            new_key[rest] = merged
+            for i in range(m):  # q' = M_u q on these dims
+                sl = queries[i * r : (i + 1) * r]
                 sl[:, rest] = torch.einsum("nm,rmd->rnd", maps[i], sl[:, rest])
-    return new_keys, queries
+        _store(new_key[None], k[g : g + 1], _rows(k_bias, g, g + 1))
+        _store(queries, q[lo:hi], _rows(q_bias, lo, hi))
+    return k, k_bias, q, q_bias
 
 
 def _merge_values(
     weights: AttentionWeights, groups: int, sigma: torch.Tensor, output_aware: bool, procrustes: bool
-):
-    """Merged augmented values `[G, d, D+1]` and output heads `[H, d, D]` with each group's maps folded in."""
-    values = augment(weights.v, weights.v_bias)
-    out = weights.o.detach().to(torch.float64).clone()
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Merged values `v [G, d, D]`, `v_bias [G, d]` (None without one) and the output heads with each group's
+    maps folded in, `o [H, d, D]`, in the weights' dtypes; one group's heads in float64 at a time."""
     units, heads = weights.num_kv_heads, weights.num_heads
     m, r = units // groups, heads // units
-    new_values = torch.empty(groups, *values.shape[1:], dtype=values.dtype, device=values.device)
+    v, v_bias, o = _new_like(weights.v, groups), _new_like(weights.v_bias, groups), _new_like(weights.o)
     for g in range(groups):
-        us = list(range(g * m, (g + 1) * m))
-        blocks = [values[u] for u in us]
+        values = augment(weights.v[g * m : (g + 1) * m], _rows(weights.v_bias, g * m, (g + 1) * m))
+        lo, hi = g * m * r, (g + 1) * m * r
+        out = weights.o[lo:hi].detach().to(torch.float64)  # [m r, d, D]
+        blocks = [values[i] for i in range(m)]
         if procrustes:
             merged, maps = _procrustes(blocks, sigma)
         else:
             energy = None
             if output_aware:
                 energy = [
-                    torch.einsum("rnd,rmd->nm", out[u * r : (u + 1) * r], out[u * r : (u + 1) * r])
-                    for u in us
+                    torch.einsum("rnd,rmd->nm", out[i * r : (i + 1) * r], out[i * r : (i + 1) * r])
+                    for i in range(m)
                 ]
             merged, maps = _weighted_pca(blocks, sigma, energy)
-        new_values[g] = merged
-        for i, u in enumerate(us):  # V_u ~= V' M_u, so o'_h = M_u o_h
-            out[u * r : (u + 1) * r] = torch.einsum("nm,rmd->rnd", maps[i], out[u * r : (u + 1) * r])
-    return new_values, out
+        _store(merged[None], v[g : g + 1], _rows(v_bias, g, g + 1))
+        for i in range(m):  # V_u ~= V' M_u, so o'_h = M_u o_h
+            o[lo + i * r : lo + (i + 1) * r] = torch.einsum("nm,rmd->rnd", maps[i], out[i * r : (i + 1) * r])
+    return v, v_bias, o
 
 
 def _procrustes(units: list[torch.Tensor], sigma: torch.Tensor, iterations: int = 3):
@@ -267,7 +316,9 @@ def _procrustes(units: list[torch.Tensor], sigma: torch.Tensor, iterations: int 
     for _ in range(iterations):
         rotations = []
         for b in units:
-            u, _, vh = torch.linalg.svd(b @ sigma @ reference.T)  # cross moment [n, n]
+            cross = b @ sigma @ reference.T  # cross moment [n, n]
+            with one_thread():
+                u, _, vh = torch.linalg.svd(cross)
             rotations.append(u @ vh)  # R maps head b onto the reference: R^T b ~ reference
         reference = torch.stack([rot.T @ b for rot, b in zip(rotations, units)]).mean(0)
     return reference, [rot.T for rot in rotations]
@@ -288,19 +339,6 @@ def _procrustes_rotary(keys: torch.Tensor, sigma: torch.Tensor, iterations: int 
     return reference, phases.conj()
 
 
-class one_thread:
-    """Context: torch on one CPU thread. The activation-aware merges factor matrices of a few hundred rows
-    (`eigh`, `solve`), which LAPACK runs slower on two threads than on one, by 10-200x when other processes share
-    the cores (measured: `eigh` of a 192 x 192 float64 matrix, 15 ms on one thread, 3.4 s on two)."""
-
-    def __enter__(self) -> None:
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.threads)
-
-
 def _activation_merge(
     weights: AttentionWeights,
     groups: int,
@@ -316,16 +354,10 @@ def _activation_merge(
             f"merge={method!r} cannot fold maps through this model's {blocker}; use merge='mean' or 'first'."
         )
 
-    with one_thread():
-        keys, queries = _merge_keys(weights, groups, sigma, score_aware, procrustes)
-        values, out = _merge_values(weights, groups, sigma, score_aware, procrustes)
-    k, k_bias = _split_augmented(keys, weights.k, weights.k_bias)
-    v, v_bias = _split_augmented(values, weights.v, weights.v_bias)
-    q, q_bias = _split_augmented(queries, weights.q, weights.q_bias)
+    k, k_bias, q, q_bias = _merge_keys(weights, groups, sigma, score_aware, procrustes)
+    v, v_bias, o = _merge_values(weights, groups, sigma, score_aware, procrustes)
     # a bias-free family keeps no bias: the merged bias column is then zero up to rounding by construction
-    return weights.replace(
-        q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=out.to(weights.o.dtype)
-    )
+    return weights.replace(q=q, q_bias=q_bias, k=k, k_bias=k_bias, v=v, v_bias=v_bias, o=o)
 
 
 def merge_pca(weights: AttentionWeights, groups: int, stats: object | None = None) -> AttentionWeights:

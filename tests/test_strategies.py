@@ -314,3 +314,93 @@ def test_auto_budget_gives_per_layer_heads_that_generate_like_uncached(padded):
         uncached = model.generate(ids, use_cache=False, **kw)
     assert cached.past_key_values.kv_heads() == heads
     assert torch.equal(cached.sequences, uncached)
+
+
+def _random_attention(heads: int, kv_heads: int, rotary_dim: int, bias: bool, seed: int = 0):
+    """Random canonical weights `[H, d, D]` (head_dim 16, hidden 48) with `rotary_dim` rotary dimensions, biases on
+    q/k/v when `bias`, and a random `[D+1, D+1]` input second moment."""
+    from hf_gqa.canonical import AttentionWeights, RotarySpec
+
+    g = torch.Generator().manual_seed(seed)
+    d, hidden = 16, 48
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    weights = AttentionWeights(
+        q=rand(heads, d, hidden),
+        k=rand(kv_heads, d, hidden),
+        v=rand(kv_heads, d, hidden),
+        o=rand(heads, d, hidden),
+        q_bias=rand(heads, d) if bias else None,
+        k_bias=rand(kv_heads, d) if bias else None,
+        v_bias=rand(kv_heads, d) if bias else None,
+        rotary=RotarySpec(rotary_dim) if rotary_dim else None,
+    )
+    x = torch.cat([rand(512, hidden).double(), torch.ones(512, 1, dtype=torch.float64)], dim=1)
+    return weights, x.T @ x / 512
+
+
+def _heads(weights, first_kv: int, kv: int):
+    """The canonical weights of KV heads `first_kv:first_kv + kv` and their query heads."""
+    r = weights.queries_per_kv
+    rows = slice(first_kv * r, (first_kv + kv) * r)
+    kv_rows = slice(first_kv, first_kv + kv)
+
+    def cut(t, s):
+        return None if t is None else t[s]
+
+    return weights.replace(
+        q=weights.q[rows],
+        o=weights.o[rows],
+        q_bias=cut(weights.q_bias, rows),
+        k=weights.k[kv_rows],
+        v=weights.v[kv_rows],
+        k_bias=cut(weights.k_bias, kv_rows),
+        v_bias=cut(weights.v_bias, kv_rows),
+    )
+
+
+@pytest.mark.parametrize("merge", ["pca", "score", "procrustes"])
+@pytest.mark.parametrize(
+    "heads,kv_heads,rotary_dim,bias",
+    [(8, 8, 16, False), (8, 4, 8, True), (6, 6, 0, True)],
+    ids=["mha-rotary", "gqa-partial-rotary-bias", "mha-no-rotary-bias"],
+)
+def test_activation_merges_convert_each_group_on_its_own(merge, heads, kv_heads, rotary_dim, bias):
+    """The merges hold one group's heads in float64 at a time: merging a layer into G groups equals merging each
+    group's heads alone into one, tensor for tensor, and leaves the weights they read unchanged."""
+    from hf_gqa.calibration import LayerStats
+    from hf_gqa.merging import merge_pca, merge_procrustes, merge_score
+
+    fn = {"pca": merge_pca, "score": merge_score, "procrustes": merge_procrustes}[merge]
+    weights, sigma = _random_attention(heads, kv_heads, rotary_dim, bias)
+    before = {k: v.clone() for k, v in vars(weights).items() if isinstance(v, torch.Tensor)}
+    stats = LayerStats(sigma=sigma, tokens=512)
+    groups = 2
+    merged = fn(weights, groups, stats)
+    per = kv_heads // groups
+    for g in range(groups):
+        alone = fn(_heads(weights, g * per, per), 1, stats)
+        for name in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias"):
+            a, b = getattr(alone, name), getattr(_heads(merged, g, 1), name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.equal(a, b), (merge, g, name)
+    for k, v in before.items():
+        assert torch.equal(getattr(weights, k), v), k
+    # the merge did merge: the keys of a group are not one of its heads
+    assert not torch.equal(merged.k[0], weights.k[0])
+
+
+def test_row_energy_is_the_query_energy_diagonal():
+    from hf_gqa.merging import _query_energy, _row_energy, augment
+
+    weights, sigma = _random_attention(4, 4, 16, True)
+    heads = augment(weights.q, weights.q_bias)  # [4, 16, 49]
+    rows = _row_energy(heads, sigma)  # [4, 16]
+    for h in range(4):
+        torch.testing.assert_close(
+            rows[h], _query_energy(heads[h : h + 1], sigma).diagonal(), rtol=1e-12, atol=0
+        )
+    assert (rows > 0).all()
