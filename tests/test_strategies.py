@@ -342,23 +342,9 @@ def _random_attention(heads: int, kv_heads: int, rotary_dim: int, bias: bool, se
 
 
 def _heads(weights, first_kv: int, kv: int):
-    """The canonical weights of KV heads `first_kv:first_kv + kv` and their query heads."""
-    r = weights.queries_per_kv
-    rows = slice(first_kv * r, (first_kv + kv) * r)
-    kv_rows = slice(first_kv, first_kv + kv)
-
-    def cut(t, s):
-        return None if t is None else t[s]
-
-    return weights.replace(
-        q=weights.q[rows],
-        o=weights.o[rows],
-        q_bias=cut(weights.q_bias, rows),
-        k=weights.k[kv_rows],
-        v=weights.v[kv_rows],
-        k_bias=cut(weights.k_bias, kv_rows),
-        v_bias=cut(weights.v_bias, kv_rows),
-    )
+    """The canonical weights of KV heads `first_kv:first_kv + kv` and their query heads (`permute_kv` with
+    a subset of the heads selects them)."""
+    return weights.permute_kv(list(range(first_kv, first_kv + kv)))
 
 
 @pytest.mark.parametrize("merge", ["pca", "score", "procrustes"])
