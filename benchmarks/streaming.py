@@ -458,8 +458,8 @@ def calibrated_lines(rows: list[dict], settings: dict) -> list[str]:
         "patch(calibration=ids, same settings), cast to bf16, save_pretrained. Time per layer: onloaded, the layer "
         "loop's mean (read, step, write) and its whole run / layers; in-memory, patch's time / layers (its capture "
         "pass included). Whole path: each path's seconds from the checkpoint on disk to the converted checkpoint on "
-        "disk (in-memory: load, patch, cast, save). Target (issue 19): onloaded peak RSS at most 25% of the checkpoint plus the calibration "
-        "activations; time per layer within 10% of the in-memory path's.",
+        "disk (in-memory: load, patch, cast, save). Target (issue 19): onloaded peak RSS at most 25% of the "
+        "checkpoint plus the calibration activations; time per layer within 10% of the in-memory path's.",
         "",
         "| size | checkpoint | onloaded peak RSS | target | estimate (host) | in-memory peak RSS | onloaded s/layer "
         "(loop / run) | in-memory s/layer (patch) | ratio, patch only | onloaded s | in-memory s (whole path) | "

@@ -112,8 +112,7 @@ def patch(
             moves to `"hf_gqa_sdpa"` (identical numerics, no K/V copies for padded batches on CPU).
         refine_steps, refine_lr, refine_target, refine_scope, refine_positions, refine_train, refine_warmup: the
             short spelling of `method=Refine(steps=..., lr=..., target=..., scope=..., positions=..., train=...,
-            warmup=...)` (see
-            `hf_gqa.methods.Refine`); `refine_steps` with another merge refines from that merge
+            warmup=...)` (see `hf_gqa.methods.Refine`); `refine_steps` with another merge refines from that merge
             (`merge="mean", refine_steps=100`).
 
     Returns:

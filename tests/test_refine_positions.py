@@ -217,36 +217,33 @@ def test_refine_refuses_a_warmup_outside_its_steps(warmup):
         Refine(steps=10, warmup=warmup)
 
 
+def _refined_logits(**options) -> torch.Tensor:
+    """Logits of the tiny Llama (`llama-mha`, built afresh: `make` is seeded) converted to 2 KV heads by
+    `hf_gqa.patch` with a short calibration and `options`; the same calibration data and input every call."""
+    original = next(c for c in CASES if c.name == "llama-mha").make()
+    calibration = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
+    model = hf_gqa.patch(
+        original,
+        groups=2,
+        calibration=calibration,
+        calibration_tokens=256,
+        block_size=64,
+        show_progress=False,
+        **options,
+    )
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
 def test_refine_warmup_reaches_the_fit_from_patch_keywords():
     """`refine_warmup=` / `refine_lr=` are `Refine(warmup=, lr=)`, and a warmup changes the fit (it is not ignored)."""
-    case = next(c for c in CASES if c.name == "llama-mha")
-    original = case.make()
-    calibration = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(5))
-    kw = dict(calibration=calibration, calibration_tokens=256, block_size=64, show_progress=False)
-    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
-
-    def logits(**options) -> torch.Tensor:
-        model = hf_gqa.patch(copy.deepcopy(original), groups=2, **kw, **options)
-        with torch.no_grad():
-            return model(input_ids=ids).logits
-
-    by_keywords = logits(refine_steps=6, refine_warmup=3, refine_lr=1e-3, refine_positions=16)
-    by_method = logits(method=Refine(steps=6, warmup=3, lr=1e-3, positions=16))
+    by_keywords = _refined_logits(refine_steps=6, refine_warmup=3, refine_lr=1e-3, refine_positions=16)
+    by_method = _refined_logits(method=Refine(steps=6, warmup=3, lr=1e-3, positions=16))
     assert torch.equal(by_keywords, by_method)
-    assert not torch.equal(by_keywords, logits(method=Refine(steps=6, lr=1e-3, positions=16)))
+    assert not torch.equal(by_keywords, _refined_logits(method=Refine(steps=6, lr=1e-3, positions=16)))
 
 
 def test_attention_scope_refine_takes_its_warmup():
-    case = next(c for c in CASES if c.name == "llama-mha")
-    original = case.make()
-    calibration = torch.randint(3, 200, (512,), generator=torch.Generator().manual_seed(5))
-    kw = dict(calibration=calibration, calibration_tokens=256, block_size=64, show_progress=False)
-    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
-
-    def logits(method: Refine) -> torch.Tensor:
-        model = hf_gqa.patch(copy.deepcopy(original), groups=2, method=method, **kw)
-        with torch.no_grad():
-            return model(input_ids=ids).logits
-
-    warm = logits(Refine(steps=6, lr=1e-3, warmup=3, scope="attention"))
-    assert not torch.equal(warm, logits(Refine(steps=6, lr=1e-3, scope="attention")))
+    warm = _refined_logits(method=Refine(steps=6, lr=1e-3, warmup=3, scope="attention"))
+    assert not torch.equal(warm, _refined_logits(method=Refine(steps=6, lr=1e-3, scope="attention")))
