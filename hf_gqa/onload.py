@@ -439,7 +439,10 @@ def large_allocations_mapped(during: int = 1 << 20, after: int = 32 << 20) -> It
 
 
 #: glibc's mmap threshold during an onloaded run: `low_memory` (what is freed leaves the resident set at once) or
-#: not (allocations up to 32 MiB come from the heap, without a page fault each; see `convert_checkpoint`).
+#: not (allocations up to 32 MiB come from the heap, without a page fault each; see `convert_checkpoint`). Fixed
+#: from the planning on: building the meta models grew glibc's heap by 0.26 GiB each at 3B (free blocks, not
+#: resident); the layer loop's float32 weights then came from those blocks and stayed resident when freed until
+#: the next trim (3B-shaped checkpoint, attention-only refine: 1.28-1.60 GiB peak against 1.19-1.20).
 MMAP_THRESHOLD = {True: 1 << 20, False: 32 << 20}
 
 
@@ -453,86 +456,80 @@ def run_onloaded(
     estimate: OnloadEstimate,
     activations_on_disk_above: int = ACTIVATIONS_ON_DISK_ABOVE,
     show_progress: bool = True,
-    low_memory: bool = True,
 ) -> OnloadResult:
     """Capture the layers' calls on the embeddings alone, then convert decoder layer after decoder layer, each
-    loaded on `device`, converted by `sequential_step`, handed to `writer` and freed; allocations above
-    `MMAP_THRESHOLD[low_memory]` are mapped directly meanwhile (`large_allocations_mapped`)."""
-    with large_allocations_mapped(during=MMAP_THRESHOLD[low_memory]):
-        from .streaming import _release_freed_memory
+    loaded on `device`, converted by `sequential_step`, handed to `writer` and freed. `convert_checkpoint` runs
+    it, and the planning before it, with glibc's mmap threshold fixed (`MMAP_THRESHOLD`)."""
+    from .streaming import _release_freed_memory
 
-        model, reader, plans = plan.model, writer.reader, plan.layers
-        layer_names = decoder_layer_names(plans)
-        keys_by_layer = layer_keys(plan.to_source, layer_names)
-        dtypes = {key: plan.source_dtypes[plan.to_source[key]] for key in plan.to_source}
-        layers = [model.get_submodule(name) for name in layer_names]
-        model.eval()  # no dropout in calibration or refinement
-        embedding_keys = capture_keys(model, plan.to_source, layer_names)
-        load_tensors(model, embedding_keys, reader, device, compute_dtype)
-        buffers_to(model, device)
-        blocks = conversion.blocks
-        hidden, calls = capture_all_layer_calls(model, layers, blocks, conversion.batch_size, device)
-        free_tensors(model, embedding_keys)
-        stored, original = (
-            ActivationStore(activations_on_disk_above),
-            ActivationStore(activations_on_disk_above),
-        )
-        stored.put(hidden)
-        if settings.tracks_original:
-            original.put(hidden)
-        del hidden
-        logs, seconds = [], []
-        tokens = int(blocks.numel())
-        bar = tqdm(
-            total=len(plans), desc="hf_gqa: converting layers", disable=not show_progress, unit="layer"
-        )
-        try:
-            for i, (lp, layer) in enumerate(zip(plans, layers)):
-                start = time.perf_counter()
-                load_tensors(model, keys_by_layer[i], reader, device, compute_dtype)
-                check_weights(model, [(lp.name, lp.module)])
-                step = sequential_step(
-                    model,
-                    i,
-                    lp,
-                    layer,
-                    calls[i],
-                    stored.get(device),
-                    original.get(device) if settings.tracks_original else None,
-                    conversion.convert_layer,
-                    settings,
-                    release_original=partial(free_tensors_under, model, keys_by_layer[i]),
-                )
-                # the model keeps the original (meta) modules; the converted one is not bound to a name here, which
-                # would keep it (and the MLP it may share with the original layer) alive through the next layer
-                parent, attr, old = step.replacement[:3]
-                setattr(parent, attr, old)
-                stored.put(step.hidden)
-                if settings.tracks_original:
-                    original.put(step.original_hidden)
-                state = converted_layer_state(
-                    model, layer_names[i], step.replacement, keys_by_layer[i], dtypes
-                )
-                logs.append(step.log)
-                del step
-                free_tensors(model, keys_by_layer[i])
-                calls[i] = []
-                writer.add(state)
-                del state
-                _release_freed_memory()
-                seconds.append(time.perf_counter() - start)
-                bar.update(1)
-                bar.set_postfix_str(_progress_note(seconds, len(plans), tokens))
-                logger.debug("layer %d: %s (%.1f s)", i, logs[-1], seconds[-1])
-        finally:
-            bar.close()
-            on_disk = stored.on_disk
-            stored.close()
-            original.close()
-        writer.flush()
-        if not writer.done:
-            raise GQAError("internal error: some output shards were not written")  # pragma: no cover
-        return OnloadResult(logs, seconds, writer.bytes_written, tokens, on_disk)
+    model, reader, plans = plan.model, writer.reader, plan.layers
+    layer_names = decoder_layer_names(plans)
+    keys_by_layer = layer_keys(plan.to_source, layer_names)
+    dtypes = {key: plan.source_dtypes[plan.to_source[key]] for key in plan.to_source}
+    layers = [model.get_submodule(name) for name in layer_names]
+    model.eval()  # no dropout in calibration or refinement
+    embedding_keys = capture_keys(model, plan.to_source, layer_names)
+    load_tensors(model, embedding_keys, reader, device, compute_dtype)
+    buffers_to(model, device)
+    blocks = conversion.blocks
+    hidden, calls = capture_all_layer_calls(model, layers, blocks, conversion.batch_size, device)
+    free_tensors(model, embedding_keys)
+    stored, original = (
+        ActivationStore(activations_on_disk_above),
+        ActivationStore(activations_on_disk_above),
+    )
+    stored.put(hidden)
+    if settings.tracks_original:
+        original.put(hidden)
+    del hidden
+    logs, seconds = [], []
+    tokens = int(blocks.numel())
+    bar = tqdm(total=len(plans), desc="hf_gqa: converting layers", disable=not show_progress, unit="layer")
+    try:
+        for i, (lp, layer) in enumerate(zip(plans, layers)):
+            start = time.perf_counter()
+            load_tensors(model, keys_by_layer[i], reader, device, compute_dtype)
+            check_weights(model, [(lp.name, lp.module)])
+            step = sequential_step(
+                model,
+                i,
+                lp,
+                layer,
+                calls[i],
+                stored.get(device),
+                original.get(device) if settings.tracks_original else None,
+                conversion.convert_layer,
+                settings,
+                release_original=partial(free_tensors_under, model, keys_by_layer[i]),
+            )
+            # the model keeps the original (meta) modules; the converted one is not bound to a name here, which
+            # would keep it (and the MLP it may share with the original layer) alive through the next layer
+            parent, attr, old = step.replacement[:3]
+            setattr(parent, attr, old)
+            stored.put(step.hidden)
+            if settings.tracks_original:
+                original.put(step.original_hidden)
+            state = converted_layer_state(model, layer_names[i], step.replacement, keys_by_layer[i], dtypes)
+            logs.append(step.log)
+            del step
+            free_tensors(model, keys_by_layer[i])
+            calls[i] = []
+            writer.add(state)
+            del state
+            _release_freed_memory()
+            seconds.append(time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix_str(_progress_note(seconds, len(plans), tokens))
+            logger.debug("layer %d: %s (%.1f s)", i, logs[-1], seconds[-1])
+    finally:
+        bar.close()
+        on_disk = stored.on_disk
+        stored.close()
+        original.close()
+    writer.flush()
+    if not writer.done:
+        raise GQAError("internal error: some output shards were not written")  # pragma: no cover
+    return OnloadResult(logs, seconds, writer.bytes_written, tokens, on_disk)
 
 
 def _progress_note(seconds: list[float], total: int, tokens: int) -> str:

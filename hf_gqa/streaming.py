@@ -340,27 +340,30 @@ def convert_checkpoint(
         warmup=refine_warmup,
     )
     if calibration is not None:
-        return _convert_calibrated(
-            src,
-            dst,
-            groups,
-            method,
-            grouping,
-            max_shard_size=max_shard_size,
-            show_progress=show_progress,
-            calibration=calibration,
-            tokenizer=tokenizer,
-            calibration_tokens=calibration_tokens,
-            block_size=block_size,
-            batch_size=batch_size,
-            sequential=sequential,
-            seed=seed,
-            refine=refine,
-            device=device,
-            compute_dtype=compute_dtype,
-            activations_on_disk_above=activations_on_disk_above,
-            low_memory=low_memory,
-        )
+        from . import onload
+
+        # the whole run, planning included: see `hf_gqa.onload.MMAP_THRESHOLD`
+        with onload.large_allocations_mapped(during=onload.MMAP_THRESHOLD[low_memory]):
+            return _convert_calibrated(
+                src,
+                dst,
+                groups,
+                method,
+                grouping,
+                max_shard_size=max_shard_size,
+                show_progress=show_progress,
+                calibration=calibration,
+                tokenizer=tokenizer,
+                calibration_tokens=calibration_tokens,
+                block_size=block_size,
+                batch_size=batch_size,
+                sequential=sequential,
+                seed=seed,
+                refine=refine,
+                device=device,
+                compute_dtype=compute_dtype,
+                activations_on_disk_above=activations_on_disk_above,
+            )
     start = time.perf_counter()
     dst = Path(dst)
     plan = plan_checkpoint(
@@ -431,10 +434,10 @@ def _convert_calibrated(
     device: str | torch.device,
     compute_dtype: torch.dtype | None,
     activations_on_disk_above: int | None,
-    low_memory: bool,
 ) -> StreamReport:
     """`convert_checkpoint` with calibration data: plan, resolve and tokenize (every check before `dst` is
-    created), state the estimate, then the layer loop of `hf_gqa.onload.run_onloaded`."""
+    created), state the estimate, then the layer loop of `hf_gqa.onload.run_onloaded`. The caller fixes glibc's
+    mmap threshold around it (`hf_gqa.onload.large_allocations_mapped`)."""
     from .methods import Refine
     from .onload import ACTIVATIONS_ON_DISK_ABOVE, ShardWriter, announce, resolve_conversion, run_onloaded
     from .pipeline import SequentialSettings
@@ -501,7 +504,6 @@ def _convert_calibrated(
         plan.calibrated,
         ACTIVATIONS_ON_DISK_ABOVE if activations_on_disk_above is None else activations_on_disk_above,
         show_progress,
-        low_memory,
     )
     if plan.layout.is_sharded:
         index = {

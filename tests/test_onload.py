@@ -10,6 +10,7 @@ does not fail them, and say so when they are not exact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -325,18 +326,30 @@ def test_large_allocations_are_mapped_only_during_the_run(monkeypatch):
 @pytest.mark.parametrize("low_memory", [True, False])
 def test_low_memory_chooses_the_mmap_threshold_of_the_run(low_memory, tmp_path, monkeypatch):
     """`convert_checkpoint(low_memory=...)` and `hf-gqa convert --[no-]low-memory` set glibc's mmap threshold for
-    the layer loop: 1 MiB (what is freed leaves at once) or 32 MiB (fewer page faults); the result is the same."""
+    the whole run, planning included: 1 MiB (what is freed leaves at once) or 32 MiB (fewer page faults); the
+    result is the same."""
     from .tokenizer_fixture import load_tokenizer
     from .tokenizer_fixture import tiny_llama as tiny_llama_for_tokenizer
 
     seen: list[int] = []
+    events: list[str] = []
     real = hf_gqa.onload.large_allocations_mapped
+    real_plan = hf_gqa.streaming.plan_checkpoint
 
+    @contextlib.contextmanager
     def recording(during, **kwargs):
         seen.append(during)
-        return real(during=during, **kwargs)
+        with real(during=during, **kwargs):
+            events.append("fixed")
+            yield
+        events.append("released")
+
+    def planning(*args, **kwargs):
+        events.append("plan")
+        return real_plan(*args, **kwargs)
 
     monkeypatch.setattr(hf_gqa.onload, "large_allocations_mapped", recording)
+    monkeypatch.setattr(hf_gqa.streaming, "plan_checkpoint", planning)
     src = tmp_path / "src"
     tiny_llama_for_tokenizer().save_pretrained(src, max_shard_size="4MB")
     load_tokenizer().save_pretrained(src)
@@ -347,6 +360,8 @@ def test_low_memory_chooses_the_mmap_threshold_of_the_run(low_memory, tmp_path, 
     argv += ["--calibration-tokens", "256", "--refine-steps", "2"]
     assert main([*argv, "--out", str(tmp_path / "a"), flag]) == 0
     assert seen == [(1 << 20) if low_memory else (32 << 20)]
+    # planning builds meta models: under the fixed threshold, or their blocks stay in glibc's heap for the layers
+    assert events == ["fixed", "plan", "released"]
     other = "--no-low-memory" if low_memory else "--low-memory"
     assert main([*argv, "--out", str(tmp_path / "b"), other]) == 0
     assert seen[1] != seen[0]
