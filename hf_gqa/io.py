@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from .architectures import AttentionAdapter, get_adapter
 from .attention import set_attention
 from .cache import install_cache
+from .memory import large_allocations_mapped
 from .patch import META_KEY
 from .remote import install_save_hook
 
@@ -95,7 +96,10 @@ def empty_model(config: PretrainedConfig) -> PreTrainedModel:
     if meta:
         _adapter_for_config(config).restore_config(config, meta)
         delattr(config, META_KEY)
-    with init_empty_weights():
+    # init_empty_weights allocates each parameter on the CPU (untouched) before moving it to meta: mapped, not from
+    # glibc's heap, where those blocks would stay free and later hold a layer's weights that stay resident when
+    # freed (0.26 GiB of heap per 3B model built; an onloaded 3B run peaked 1.45 GiB after planning, 1.20 without)
+    with large_allocations_mapped(), init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     if meta:
         rebuild_layout(model, list(meta["kv_heads"]), meta)

@@ -25,13 +25,11 @@ loaded with `dtype="auto"`).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -44,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_options, check_weights
 from .errors import GQAError
+from .memory import release_freed_memory
 from .methods import ConversionMethod, Refine
 from .pipeline import SequentialSettings, capture_all_layer_calls, sequential_step
 
@@ -94,31 +93,52 @@ class OnloadEstimate:
         return 2 if self.device_activation_copies > 2 else 1
 
     @property
-    def device_peak_bytes(self) -> int:
-        """The refine state (the trained copy, Adam's two moments, the start kept to undo a bad fit: 4 x trained;
-        each gradient is dropped as its parameter steps), plus what is left of the original decoder layer once
-        the copy exists (`freed_bytes` less), the layer's activations on the device and one batch's temporaries;
-        or the embeddings during the capture pass, whichever is larger."""
-        layer_phase = (
+    def stats_bytes(self) -> int:
+        """The merge's input statistics: the `[D + 1, D + 1]` float64 second moment of the attention input."""
+        return (self.hidden_size + 1) ** 2 * 8
+
+    @property
+    def refine_phase_bytes(self) -> int:
+        """The fit: the refine state (the trained copy, Adam's two moments, the start kept to undo a bad fit: 4 x
+        trained; each gradient is dropped as its parameter steps), plus what is left of the original decoder
+        layer once the copy exists (`freed_bytes` less), the layer's activations on the device and one batch's
+        temporaries."""
+        return (
             self.layer_bytes
             - self.freed_bytes
             + REFINE_COPIES * self.trained_bytes
             + self.device_activation_copies * self.activation_bytes
             + self.batch_bytes
         )
-        return max(layer_phase, self.embedding_bytes + self.activation_bytes + self.batch_bytes)
+
+    @property
+    def merge_phase_bytes(self) -> int:
+        """Statistics and merge: the whole layer, its activations and 4 x the statistics (the second moment, the
+        product that updates it, the merge's float64 temporaries; 3.7 x measured on a 3B-shaped layer)."""
+        return self.layer_bytes + self.device_activation_copies * self.activation_bytes + 4 * self.stats_bytes
+
+    @property
+    def device_peak_bytes(self) -> int:
+        """The largest of the fit (`refine_phase_bytes`), the statistics and merge (`merge_phase_bytes`) and the
+        capture pass (the embeddings, the activations and one batch)."""
+        capture = self.embedding_bytes + self.activation_bytes + self.batch_bytes
+        return max(self.refine_phase_bytes, self.merge_phase_bytes, capture)
 
     @property
     def host_peak_bytes(self) -> int:
-        """Resident host memory: the imports, the hidden states kept between layers (unless memory-mapped), one
-        layer as read, one output shard and its serialised copy; on a CPU device also everything on the device."""
+        """Resident host memory: the imports and the hidden states kept between layers (unless memory-mapped),
+        plus, on a CPU device, the largest of the device's peak, the layer while it is read or written (the
+        computed layer beside the layer in the checkpoint dtype) and the output shard with its serialised copy;
+        on another device, one layer as read, one output shard and its serialised copy, and the layer copied
+        back to be written. Measured against it: `benchmarks/results/streaming.md` (estimate column)."""
         kept = self.stored_activation_copies * self.activation_bytes
         if kept > self.stored_activation_copies * ACTIVATIONS_ON_DISK_ABOVE:
             kept = 0  # memory-mapped: the page cache holds it, the system reclaims it
-        base = IMPORTS_BYTES + self.source_layer_bytes + 2 * self.largest_shard_bytes
-        if self.device.startswith("cpu"):
-            return base + max(self.device_peak_bytes, kept + self.batch_bytes)
-        return base + kept + self.layer_bytes
+        shard = self.source_layer_bytes + 2 * self.largest_shard_bytes
+        if self.device.startswith("cpu"):  # the device's peak counts the activations it computes on
+            io = self.layer_bytes + self.source_layer_bytes
+            return IMPORTS_BYTES + max(self.device_peak_bytes, kept + io, kept + shard)
+        return IMPORTS_BYTES + kept + shard + self.layer_bytes
 
     def __str__(self) -> str:
         dtype = str(self.compute_dtype).removeprefix("torch.")
@@ -129,9 +149,10 @@ class OnloadEstimate:
             f"calibrated ({self.method}{refine}): {self.layers} decoder layers one at a time on {self.device} in "
             f"{dtype}, {self.tokens:,} calibration tokens ({self.tokens // self.block_size} blocks of "
             f"{self.block_size}, batches of {self.batch_size}); estimated peak device memory "
-            f"{size(self.device_peak_bytes)} ({layer}refine state "
+            f"{size(self.device_peak_bytes)} (fit: {layer}refine state "
             f"{size(REFINE_COPIES * self.trained_bytes)} + {self.device_activation_copies} x activations "
-            f"{size(self.activation_bytes)} + one batch {size(self.batch_bytes)}); estimated peak host memory "
+            f"{size(self.activation_bytes)} + one batch {size(self.batch_bytes)}; merge: layer "
+            f"{size(self.layer_bytes)} + 4 x statistics {size(self.stats_bytes)}); estimated peak host memory "
             f"{size(self.host_peak_bytes)} (activations kept between layers {self.stored_activation_copies} x "
             f"{size(self.activation_bytes)}, one layer as read {size(self.source_layer_bytes)}, output shard 2 x "
             f"{size(self.largest_shard_bytes)}, imports {size(IMPORTS_BYTES)})"
@@ -274,10 +295,8 @@ def free_tensors_under(model: nn.Module, keys: list[str], name: str) -> None:
     hand the heap pages freed so far back to the system. Called just before a layer's fit, after the merge: its
     many small float64 temporaries leave freed pages in glibc's heap (measured on a 3B-shaped layer: 0.2 GiB of
     the fit's peak resident set, gone with this trim)."""
-    from .streaming import _release_freed_memory
-
     free_tensors(model, [key for key in keys if key.startswith(name + ".")])
-    _release_freed_memory()
+    release_freed_memory()
 
 
 def buffers_to(module: nn.Module, device: str | torch.device, skip: tuple[str, ...] = ()) -> None:
@@ -356,8 +375,6 @@ class ShardWriter:
         self.flush()
 
     def flush(self) -> None:
-        from .streaming import _release_freed_memory
-
         for filename, keys in self.layout.filename_to_tensors.items():
             if filename in self.written or any(
                 k in self.converted_keys and k not in self.pending for k in keys
@@ -372,7 +389,7 @@ class ShardWriter:
             )
             self.written.add(filename)
             del tensors
-            _release_freed_memory()
+            release_freed_memory()
 
     @property
     def done(self) -> bool:
@@ -412,37 +429,10 @@ def converted_layer_state(
     return out
 
 
-#: glibc's `mallopt` parameter for the size above which allocations are mapped directly.
-_M_MMAP_THRESHOLD = -3
-
-
-@contextmanager
-def large_allocations_mapped(during: int = 1 << 20, after: int = 32 << 20) -> Iterator[None]:
-    """glibc only: for the block, allocations above `during` bytes are mapped directly, so each one goes back to
-    the system when freed. By default glibc raises this threshold (up to 32 MiB) as large blocks are freed, after
-    which a layer's float32 weights and a refine step's temporaries come from the heap and stay resident when
-    freed: measured on a 0.5B checkpoint, 1.46 GiB peak RSS against 1.14 GiB with the threshold fixed at 1 MiB
-    (calling `malloc_trim` between steps does not help; smaller freed blocks are trimmed before each fit, see
-    `free_tensors_under`). Afterwards the threshold stays fixed at `after` bytes
-    (32 MiB: where glibc's own adjustment ends in a process that has freed large tensors; glibc cannot be put back
-    to adjusting it). Elsewhere, a no-op."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        mallopt = None
-    changed = bool(mallopt and mallopt(_M_MMAP_THRESHOLD, during))
-    try:
-        yield
-    finally:
-        if changed:
-            mallopt(_M_MMAP_THRESHOLD, after)
-
-
-#: glibc's mmap threshold during an onloaded run: `low_memory` (what is freed leaves the resident set at once) or
-#: not (allocations up to 32 MiB come from the heap, without a page fault each; see `convert_checkpoint`). Fixed
-#: from the planning on: building the meta models grew glibc's heap by 0.26 GiB each at 3B (free blocks, not
-#: resident); the layer loop's float32 weights then came from those blocks and stayed resident when freed until
-#: the next trim (3B-shaped checkpoint, attention-only refine: 1.28-1.60 GiB peak against 1.19-1.20).
+#: glibc's mmap threshold during an onloaded run (planning included): `low_memory` (what is freed leaves the
+#: resident set at once) or not (allocations up to 32 MiB come from the heap, without a page fault each; see
+#: `convert_checkpoint`). Building a meta model maps its (untouched) parameter blocks whatever this says
+#: (`hf_gqa.io.empty_model`).
 MMAP_THRESHOLD = {True: 1 << 20, False: 32 << 20}
 
 
@@ -460,8 +450,6 @@ def run_onloaded(
     """Capture the layers' calls on the embeddings alone, then convert decoder layer after decoder layer, each
     loaded on `device`, converted by `sequential_step`, handed to `writer` and freed. `convert_checkpoint` runs
     it, and the planning before it, with glibc's mmap threshold fixed (`MMAP_THRESHOLD`)."""
-    from .streaming import _release_freed_memory
-
     model, reader, plans = plan.model, writer.reader, plan.layers
     layer_names = decoder_layer_names(plans)
     keys_by_layer = layer_keys(plan.to_source, layer_names)
@@ -516,7 +504,7 @@ def run_onloaded(
             calls[i] = []
             writer.add(state)
             del state
-            _release_freed_memory()
+            release_freed_memory()
             seconds.append(time.perf_counter() - start)
             bar.update(1)
             bar.set_postfix_str(_progress_note(seconds, len(plans), tokens))

@@ -18,7 +18,6 @@ time onto `device` instead (`hf_gqa.onload`): same entry point, same output layo
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 import time
@@ -41,6 +40,7 @@ from .checks import check_weights
 from .errors import GQAError
 from .grouping import CALIBRATED_GROUPINGS, get_grouping
 from .io import empty_model, rebuild_layout, to_model_keys
+from .memory import release_freed_memory
 from .methods import ConversionMethod
 from .patch import converted_config
 from .planning import LayerPlan, convert_weights, plan_layers
@@ -340,10 +340,11 @@ def convert_checkpoint(
         warmup=refine_warmup,
     )
     if calibration is not None:
-        from . import onload
+        from . import memory
+        from .onload import MMAP_THRESHOLD
 
         # the whole run, planning included: see `hf_gqa.onload.MMAP_THRESHOLD`
-        with onload.large_allocations_mapped(during=onload.MMAP_THRESHOLD[low_memory]):
+        with memory.large_allocations_mapped(during=MMAP_THRESHOLD[low_memory]):
             return _convert_calibrated(
                 src,
                 dst,
@@ -395,7 +396,7 @@ def convert_checkpoint(
             {k: t.contiguous() for k, t in tensors.items()}, str(dst / filename), metadata={"format": "pt"}
         )
         del tensors  # the last references to this shard's source pages: their mappings go with them
-        _release_freed_memory()
+        release_freed_memory()
     if layout.is_sharded:
         index = {"metadata": {"total_size": written}, "weight_map": layout.tensor_to_filename}
         (dst / SAFE_WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -437,7 +438,7 @@ def _convert_calibrated(
 ) -> StreamReport:
     """`convert_checkpoint` with calibration data: plan, resolve and tokenize (every check before `dst` is
     created), state the estimate, then the layer loop of `hf_gqa.onload.run_onloaded`. The caller fixes glibc's
-    mmap threshold around it (`hf_gqa.onload.large_allocations_mapped`)."""
+    mmap threshold around it (`hf_gqa.memory.large_allocations_mapped`)."""
     from .methods import Refine
     from .onload import ACTIVATIONS_ON_DISK_ABOVE, ShardWriter, announce, resolve_conversion, run_onloaded
     from .pipeline import SequentialSettings
@@ -579,17 +580,6 @@ def _owning_module(key: str, plans: dict[str, LayerPlan]) -> LayerPlan | None:
             return plans[prefix]
         prefix = prefix.rpartition(".")[0]
     return None
-
-
-def _release_freed_memory() -> None:
-    """Hand the memory freed with a written shard back to the system (glibc keeps freed heap pages otherwise, and
-    the resident set then grows with the largest tensors seen, not with one shard). A no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
 
 
 # -- reading the source ------------------------------------------------------------------------------------------

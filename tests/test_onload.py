@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_gqa
 import hf_gqa.data
+import hf_gqa.memory
 import hf_gqa.onload
 import hf_gqa.streaming
 from hf_gqa.cli import main
@@ -209,8 +210,20 @@ def test_the_calibrated_plan_states_layers_tokens_and_memory(tmp_path):
     assert light.trained_bytes == 4 * 64 * 64 * 4  # the attention's q/k/v/o as read (the plan's upper bound)
     # the MLP is shared with the original layer; the original attention is freed once copied
     assert light.freed_bytes == light.trained_bytes
-    rest = estimate.device_peak_bytes - 4 * estimate.trained_bytes  # activations and one batch: the same
-    assert light.device_peak_bytes == light.layer_bytes - light.freed_bytes + 4 * light.trained_bytes + rest
+    rest = estimate.refine_phase_bytes - 4 * estimate.trained_bytes  # activations and one batch: the same
+    assert light.refine_phase_bytes == light.layer_bytes - light.freed_bytes + 4 * light.trained_bytes + rest
+    imports = hf_gqa.onload.IMPORTS_BYTES
+    for e in (estimate, light):
+        # the merge holds the layer and 4 x the [D + 1, D + 1] float64 statistics; the device peaks in its largest
+        # phase, and on a CPU device the host adds the imports, not also the layer as read and the output shard
+        assert e.stats_bytes == 65 * 65 * 8
+        assert (
+            e.merge_phase_bytes
+            == e.layer_bytes + e.device_activation_copies * e.activation_bytes + 4 * e.stats_bytes
+        )
+        assert e.device_peak_bytes == max(e.refine_phase_bytes, e.merge_phase_bytes)  # the capture is smaller
+        assert e.host_peak_bytes == imports + e.device_peak_bytes
+    assert estimate.host_peak_bytes > light.host_peak_bytes
     text = str(plan)
     for words in ("2 decoder layers", "96 calibration tokens", "estimated peak device memory", "host memory"):
         assert words in text, words
@@ -314,13 +327,45 @@ def test_large_allocations_are_mapped_only_during_the_run(monkeypatch):
             return 1
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
-    with hf_gqa.onload.large_allocations_mapped():
+    with hf_gqa.memory.large_allocations_mapped():
         assert calls == [(-3, 1 << 20)]
     assert calls == [(-3, 1 << 20), (-3, 32 << 20)]
     calls.clear()
-    with pytest.raises(RuntimeError), hf_gqa.onload.large_allocations_mapped():
+    with pytest.raises(RuntimeError), hf_gqa.memory.large_allocations_mapped():
         raise RuntimeError("a failed run")
     assert calls[-1] == (-3, 32 << 20)
+    calls.clear()
+    with hf_gqa.memory.large_allocations_mapped(during=1 << 20):
+        with hf_gqa.memory.large_allocations_mapped(during=4 << 20):
+            pass
+        assert calls[-1] == (-3, 1 << 20)  # a nested block gives back the enclosing block's threshold
+    assert calls[-1] == (-3, 32 << 20)
+
+
+def test_building_a_meta_model_leaves_no_free_blocks_in_the_heap():
+    """accelerate's empty-weight init allocates every parameter on the CPU before moving it to meta; those blocks
+    must not come from glibc's heap, where they would stay as free blocks that later hold a layer's weights."""
+    import ctypes
+
+    from transformers import LlamaConfig
+
+    class MallInfo2(ctypes.Structure):
+        names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+        _fields_ = [(name, ctypes.c_size_t) for name in names.split()]  # all ten: returned by value
+
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("no glibc mallinfo2 here")
+    mallinfo2.restype = MallInfo2
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=8
+    )  # 4 MiB attention projections, 16 MiB MLP matrices: 0.5 GiB of parameters
+    hf_gqa.memory.release_freed_memory()
+    before = mallinfo2().arena
+    empty_model(config)
+    grown = mallinfo2().arena - before
+    assert grown < 1 << 20, grown
 
 
 @pytest.mark.parametrize("low_memory", [True, False])
@@ -333,7 +378,7 @@ def test_low_memory_chooses_the_mmap_threshold_of_the_run(low_memory, tmp_path, 
 
     seen: list[int] = []
     events: list[str] = []
-    real = hf_gqa.onload.large_allocations_mapped
+    real = hf_gqa.memory.large_allocations_mapped
     real_plan = hf_gqa.streaming.plan_checkpoint
 
     @contextlib.contextmanager
@@ -348,7 +393,7 @@ def test_low_memory_chooses_the_mmap_threshold_of_the_run(low_memory, tmp_path, 
         events.append("plan")
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(hf_gqa.onload, "large_allocations_mapped", recording)
+    monkeypatch.setattr(hf_gqa.memory, "large_allocations_mapped", recording)
     monkeypatch.setattr(hf_gqa.streaming, "plan_checkpoint", planning)
     src = tmp_path / "src"
     tiny_llama_for_tokenizer().save_pretrained(src, max_shard_size="4MB")
