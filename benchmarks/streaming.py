@@ -18,7 +18,8 @@ size (`ru_maxrss` of the child, which includes the Python, torch and transformer
 - in_memory_attention: the same with `refine_train="attention"` (the reference for the attention settings' time).
 
 Each pair of outputs is compared tensor for tensor. Results go to `<out>/streaming.{json,md,png}` with the command,
-versions and machine; rows of paths not run this time are kept from the previous `streaming.json`.
+versions and machine; rows of paths not run this time are kept from the previous `streaming.json`, and the report
+says which run measured each path of each size.
 
     python benchmarks/streaming.py --sizes 0.1b,0.5b,1b,3b --groups 4 --work /tmp/hf_gqa_streaming
 """
@@ -26,6 +27,7 @@ versions and machine; rows of paths not run this time are kept from the previous
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shlex
@@ -267,6 +269,7 @@ def measure(size: str, work: Path, paths: list[str], settings: dict, previous: d
                 result["total_s_per_layer"] = round(figures["patch_s"] / layers, 2)
         else:
             result["convert_s"] = round(float(inner), 1)
+        result["run"] = settings["runs"][-1]["date"]  # which run measured it (see `provenance_lines`)
         row[path] = result
     if _compare_now(paths, row, "streamed", "in_memory"):
         row["tensors_differing"], _ = compare(work, size, "streamed", "in_memory", threads)
@@ -542,9 +545,28 @@ def settings_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write(rows: list[dict], out: Path, command: str, settings: dict) -> None:
+def provenance_lines(rows: list[dict], settings: dict) -> list[str]:
+    """One line per run that measured a figure still in the tables: its command, date and load, and which paths
+    of which sizes it measured (a run of some paths keeps the other paths' figures from the earlier runs)."""
+    lines = ["Runs (each path of each size is the figure of the run that last measured it):", ""]
+    for run in settings.get("runs", []):
+        measured = []
+        for row in rows:
+            ran = [p for p in PATHS if isinstance(row.get(p), dict) and row[p].get("run") == run["date"]]
+            if ran:
+                measured.append(f"{row['size']}: {', '.join(ran)}")
+        if measured:
+            lines.append(
+                f"- `{run['command']}` (started {run['date']}, load average before {run['load_average']}): "
+                + "; ".join(measured)
+            )
+    return [*lines, ""]
+
+
+def write(rows: list[dict], out: Path, command: str, settings: dict, env: dict | None = None) -> None:
+    """Write `<out>/streaming.{json,md,png}`; `env` (versions, machine, date) is read now unless given."""
     out.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = env or environment()
     (out / "streaming.json").write_text(
         json.dumps({"command": command, "settings": settings, "environment": env, "rows": rows}, indent=2)
     )
@@ -562,13 +584,7 @@ def write(rows: list[dict], out: Path, command: str, settings: dict) -> None:
         "and does nothing else peaks at about 0.37 GiB).",
         "",
     ]
-    for kept in settings.get("kept_from", []):
-        also = f" and every path of sizes {', '.join(kept['sizes'])}" if kept.get("sizes") else ""
-        lines += [
-            f"Kept from the earlier run `{kept['command']}` ({kept['date']}, load average "
-            f"{kept['load_average']}): rows of {', '.join(kept['paths'])}{also} (where that run measured them).",
-            "",
-        ]
+    lines += provenance_lines(rows, settings)
     lines += data_free_lines(rows, settings)
     lines += calibrated_lines(rows, settings)
     lines += projection_lines(rows, settings)
@@ -638,20 +654,16 @@ def main() -> None:
     previous_file = Path(args.out) / "streaming.json"
     previous = {}
     sizes = args.sizes.split(",")
+    runs: list[dict] = []
     if previous_file.exists() and set(paths) != set(PATHS):
         earlier = json.loads(previous_file.read_text())
         previous = {r["size"]: r for r in earlier["rows"]}
-        kept = earlier["settings"].get("kept_from", [])
-        settings["kept_from"] = [*(kept if isinstance(kept, list) else [kept])]
-        settings["kept_from"].append(
-            {
-                "paths": [p for p in PATHS if p not in paths],
-                "sizes": sorted(set(previous) - set(sizes), key=list(SIZES).index),
-                "command": earlier["command"],
-                "date": earlier["environment"]["date"],
-                "load_average": earlier["environment"]["machine"]["load_average"],
-            }
-        )
+        runs = earlier["settings"].get("runs", [])
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    settings["runs"] = [
+        *runs,
+        {"command": command, "date": started, "load_average": [round(x, 2) for x in os.getloadavg()]},
+    ]
     measured: dict[str, dict] = {}
     for size in sizes:
         measured[size] = measure(size, Path(args.work), paths, settings, previous.get(size))

@@ -320,11 +320,10 @@ def convert_checkpoint(
             in a memory-mapped temporary file between layers (default 8 GiB).
         low_memory: with calibration, keep the host's resident set low at some cost in time: glibc maps every
             allocation above 1 MiB directly, so what a layer frees leaves at once (page faults on every new
-            one); False lets allocations up to 32 MiB come from the heap. Measured on a 1B checkpoint training
-            the attention alone (`benchmarks/streaming.py`, 2-core CPU): 0.83 GiB peak RSS at 3.6 s a layer,
-            against 1.02 GiB at 3.0 s with `low_memory=False`; at 0.5B and 3B the two peaks were within 0.1 GiB
-            (the peak of one 3B run varies by up to 0.5 GiB from run to run). No effect without glibc or without
-            calibration.
+            one); False lets allocations up to 32 MiB come from the heap. Measured on a 3B checkpoint training
+            the attention alone (`benchmarks/streaming.py`, 2-core CPU): 1.20 GiB peak RSS at 7.4 s a layer,
+            against 1.34 GiB at 7.1 s with `low_memory=False` (1B: 0.83 GiB at 3.8 s against 0.93 GiB at 3.0 s).
+            No effect without glibc or without calibration.
 
     Raises:
         GQAError: a calibrated method without calibration data, text without a tokenizer, a folder without
