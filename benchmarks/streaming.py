@@ -563,10 +563,9 @@ def provenance_lines(rows: list[dict], settings: dict) -> list[str]:
     return [*lines, ""]
 
 
-def write(rows: list[dict], out: Path, command: str, settings: dict, env: dict | None = None) -> None:
-    """Write `<out>/streaming.{json,md,png}`; `env` (versions, machine, date) is read now unless given."""
+def write(rows: list[dict], out: Path, command: str, settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = env or environment()
+    env = environment()
     (out / "streaming.json").write_text(
         json.dumps({"command": command, "settings": settings, "environment": env, "rows": rows}, indent=2)
     )
@@ -576,7 +575,7 @@ def write(rows: list[dict], out: Path, command: str, settings: dict, env: dict |
         f"Command: `{command}`",
         "",
         f"Machine: {env['machine']['cpu']}, {env['machine']['cpu_cores']} cores, {env['machine']['platform']}; "
-        f"{settings['threads']} threads; load average before: {env['machine']['load_average']}; date {env['date']}; "
+        f"{settings['threads']} threads; load average before: {settings['runs'][-1]['load_average']}; date {env['date']}; "
         "versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v),
         "",
         "Random Llama-shaped multi-head models (vocabulary 32000) saved as sharded bf16 safetensors. Peak RSS of a "
